@@ -1,0 +1,105 @@
+"""The conversion pipeline: source -> checks -> surgery -> init -> (model, tokenizer)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel
+
+from .. import __version__
+from ..errors import ConversionError
+from ..modeling import BlockTransformerForCausalLM
+from .families import Family
+from .inits import DEFAULT_INIT, init_new_modules
+from .sources import Source, resolve_source
+from .surgery import Split, build_config, check_conversion, copy_source_weights, is_tied
+
+logger = logging.getLogger(__name__)
+
+
+def convert(
+    source: str,
+    split: Split,
+    block_len: int,
+    num_prefix_tokens: int = 2,
+    init: str = DEFAULT_INIT,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    separator: str | None = None,
+):
+    """Convert a hub id, local folder or .gguf file. Returns (model, tokenizer, source)."""
+    src = resolve_source(source, revision=revision)
+    check_conversion(src.config, split, block_len, num_prefix_tokens)
+    logger.info("loading %s (%s)", src.name, src.kind)
+    tokenizer = src.load_tokenizer()
+    source_model = src.load_model(dtype)
+    model = convert_model(
+        source_model,
+        split,
+        block_len,
+        num_prefix_tokens=num_prefix_tokens,
+        init=init,
+        separator_id=resolve_separator(tokenizer, source_model.config.model_type, separator),
+        source_info={"source": src.name, "source_kind": src.kind, "revision": src.revision},
+    )
+    return model, tokenizer, src
+
+
+def convert_model(
+    source_model: PreTrainedModel,
+    split: Split,
+    block_len: int,
+    *,
+    num_prefix_tokens: int = 2,
+    init: str = DEFAULT_INIT,
+    separator_id: int,
+    source_info: dict | None = None,
+) -> BlockTransformerForCausalLM:
+    """Surgery on an in-memory causal LM: copy its weights, then initialise the new modules."""
+    family: Family = check_conversion(source_model.config, split, block_len, num_prefix_tokens)
+    dtype = source_model.get_input_embeddings().weight.dtype
+    conversion = {
+        **(source_info or {}),
+        "family": family.name,
+        "model_type": source_model.config.model_type,
+        "split": [split.block, split.token],
+        "init": init,
+        "separator_id": separator_id,
+        "dtype": str(dtype).removeprefix("torch."),
+        "block_transformer_version": __version__,
+    }
+    config = build_config(
+        source_model.config, family, split, block_len, num_prefix_tokens, is_tied(source_model), conversion
+    )
+    config._attn_implementation = source_model.config._attn_implementation
+    model = BlockTransformerForCausalLM(config).to(dtype)
+    copy_source_weights(model, source_model, family)
+    init_new_modules(model, init, separator_id, position_embedding=family.position_embedding)
+    model.generation_config = _generation_config(source_model)
+    return model.eval()
+
+
+def resolve_separator(tokenizer, model_type: str, override: str | None = None) -> int:
+    """The document separator's id: ``override`` if given, else the family's pretraining separator."""
+    from .families import family_for
+
+    candidates = [override] if override else list(family_for(model_type).separators)
+    vocab = tokenizer.get_vocab()
+    for token in candidates:
+        if token in ("eos", "bos"):
+            token_id = getattr(tokenizer, f"{token}_token_id")
+        else:
+            token_id = vocab.get(token)
+        if token_id is not None:
+            return int(token_id)
+    raise ConversionError(
+        f"none of the separator tokens {candidates} is in the tokenizer's vocabulary: pass --separator TOKEN."
+    )
+
+
+def _generation_config(source_model: PreTrainedModel) -> GenerationConfig:
+    gen = source_model.generation_config
+    return GenerationConfig(
+        bos_token_id=gen.bos_token_id, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id
+    )

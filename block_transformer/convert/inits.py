@@ -1,0 +1,87 @@
+"""Initialisation of the modules conversion adds (DESIGN §2.7): the first quality lever.
+
+``reference`` — the reference code's uptraining init: the block embedder is the mean of its token
+embeddings, every prefix slot is the context embedding (identity), and the token decoder reads the
+plain token embeddings E, although the source's upper layers were trained on its layer-N_b residual
+stream.
+
+``sink`` — gives the token decoder what its layers saw in the source. Prefix slot 1 is the source's
+constant layer-N_b state at position 0 (the *attention sink*), the remaining slots are the context
+embedding, and the token decoder reads a second vocabulary table holding each token's layer-N_b
+state, computed by the lower layers on [separator, token] and read at the second position. The start
+vector is the separator's embedding, so block position 0 looks like the start of a document.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from ..modeling import BlockTransformerForCausalLM
+
+logger = logging.getLogger(__name__)
+
+INITS = ("sink", "reference")
+DEFAULT_INIT = "sink"  # 75x lower step-0 perplexity on SmolLM2-135M (benchmarks/results/step0_ppl.json)
+
+
+@torch.no_grad()
+def init_new_modules(
+    model: BlockTransformerForCausalLM,
+    init: str,
+    separator_id: int,
+    position_embedding: str | None = None,
+    batch_size: int = 1024,
+) -> None:
+    """Initialise embedder, start vector, prefix and (sink) the token-input table in place."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    cfg = model.config
+    dim, block_len, n_prefix = cfg.hidden_size, cfg.block_len, cfg.num_prefix_tokens
+    dtype = model.embedder.weight.dtype
+    eye = torch.eye(dim, dtype=dtype)
+    model.embedder.weight.copy_(torch.cat([eye / block_len] * block_len, dim=1))
+    model.prefix.weight.copy_(torch.cat([eye] * n_prefix, dim=0))
+    model.prefix.bias.zero_()
+    if init == "reference":
+        generator = torch.Generator().manual_seed(0)
+        model.start.copy_(torch.randn(dim, generator=generator) * cfg.initializer_range)
+        return
+
+    embed = model.embed_tokens.weight
+    model.start.copy_(embed[separator_id])
+    sink, states = _layer_nb_states(model, batch_size)
+    positions = _position_table(model.token_decoder, position_embedding)
+    if positions is not None:
+        # The token decoder adds its own (local) position embedding on top of what we feed it.
+        sink = sink - positions[0]
+        states = states - positions[1]
+    model.token_embed_tokens.weight.copy_(states)
+    if n_prefix == 1:
+        logger.warning("sink init with one prefix token: no slot is left for the attention sink.")
+        return
+    model.prefix.weight[:dim].zero_()
+    model.prefix.bias[:dim].copy_(sink)
+
+
+def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-N_b state of [separator, v] for every vocabulary token v: (state at 0, states at 1)."""
+    was_training = model.training
+    model.eval()
+    embed = model.embed_tokens.weight
+    vocab = embed.shape[0]
+    states = torch.empty_like(embed)
+    sink = None
+    for begin in tqdm(range(0, vocab, batch_size), desc="token-decoder input table", unit="batch", leave=False):
+        tokens = embed[begin : begin + batch_size].unsqueeze(1)
+        out = model.run_block_decoder(tokens)  # [b, 2, D]: the start vector (= separator) then the token
+        states[begin : begin + batch_size] = out[:, 1]
+        sink = out[0, 0] if sink is None else sink
+    model.train(was_training)
+    return sink, states
+
+
+def _position_table(decoder: torch.nn.Module, name: str | None) -> torch.Tensor | None:
+    return None if name is None else getattr(decoder, name).weight

@@ -1,0 +1,160 @@
+"""Resolve a conversion source (hub id, local folder or ``.gguf`` file) into config, model and tokenizer.
+
+The config is read first and on its own, so that an unsupported architecture or an impossible split
+fails in a second, before gigabytes of weights are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from ..errors import ConversionError
+
+logger = logging.getLogger(__name__)
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass
+class Source:
+    """Where a model comes from, and what to record about it in the converted folder."""
+
+    spec: str  # what the user typed
+    kind: str  # "hub" | "folder" | "gguf"
+    name: str  # readable model name for config and card
+    revision: str | None  # hub revision, or the sha256 of a .gguf file
+    config: PretrainedConfig
+    local_files_only: bool = False
+
+    def _load_kwargs(self) -> dict:
+        if self.kind == "gguf":
+            path = Path(self.spec).expanduser()
+            return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+        return {
+            "pretrained_model_name_or_path": self.spec,
+            "revision": self.revision,
+            "local_files_only": self.local_files_only,
+        }
+
+    def load_model(self, dtype: torch.dtype | None) -> torch.nn.Module:
+        """The source causal LM in ``dtype`` (default: the source's own; fp32 for GGUF, which dequantises)."""
+        if dtype is None:
+            dtype = torch.float32 if self.kind == "gguf" else "auto"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(**self._load_kwargs(), dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - any loader failure here means unreadable weights
+            raise ConversionError(
+                f"could not load the weights of {self.spec}: {_first_line(err)}. "
+                "The weight files may be truncated or corrupt: download them again."
+            ) from err
+        return model.eval()
+
+    def load_tokenizer(self):
+        try:
+            return AutoTokenizer.from_pretrained(**self._load_kwargs())
+        except Exception as err:  # noqa: BLE001
+            raise ConversionError(f"could not load the tokenizer of {self.spec}: {_first_line(err)}") from err
+
+
+def resolve_source(spec: str, revision: str | None = None) -> Source:
+    """Classify ``spec`` and read its config (cheap): hub id, local folder or .gguf file."""
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConversionError(f"no such GGUF file: {spec}. Check the path (bt-fetch-demo fetches the demo model).")
+        return _gguf_source(spec, path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConversionError(f"{spec} is a folder without config.json: point to a Hugging Face model folder.")
+        config = _read_config(spec, pretrained_model_name_or_path=str(path))
+        return Source(spec=spec, kind="folder", name=config.name_or_path or path.name, revision=revision, config=config)
+    if path.exists():
+        raise ConversionError(f"{spec} is neither a model folder nor a .gguf file.")
+    if _looks_like_path(spec):
+        raise ConversionError(f"no such file or folder: {spec}")
+    return _hub_source(spec, revision)
+
+
+def _gguf_source(spec: str, path: Path) -> Source:
+    config = _read_config(spec, pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    return Source(spec=spec, kind="gguf", name=_gguf_name(path), revision=f"sha256:{_sha256(path)}", config=config)
+
+
+def _hub_source(repo_id: str, revision: str | None) -> Source:
+    """Prefer the local cache; only then go to the hub, after a fast reachability probe."""
+    try:
+        config = AutoConfig.from_pretrained(repo_id, revision=revision, local_files_only=True)
+        return Source(repo_id, "hub", repo_id, revision, config, local_files_only=True)
+    except OSError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
+        raise ConversionError(
+            f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            "download it first or pass a local folder / .gguf file."
+        )
+    _probe_hub()
+    config = _read_config(repo_id, pretrained_model_name_or_path=repo_id, revision=revision)
+    return Source(repo_id, "hub", repo_id, revision, config)
+
+
+def _probe_hub() -> None:
+    """Fail in seconds (not after the 25 s default) when the hub cannot be reached."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConversionError(
+            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({err.strerror or err}). "
+            "Pass a local model folder or .gguf file, or set HF_HUB_OFFLINE=1 to use the local cache."
+        ) from err
+
+
+def _read_config(spec: str, **kwargs) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(**kwargs)
+    except ConversionError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ConversionError(f"could not read the model config of {spec}: {_first_line(err)}") from err
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep in spec and os.sep != "/"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _gguf_name(path: Path) -> str:
+    """The model name stored in the GGUF metadata (``general.name``), else the file name."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).get_field("general.name")
+        if field is not None:
+            return field.contents()
+    except Exception:  # noqa: BLE001 - the name is cosmetic; the file name is a fine fallback
+        logger.debug("no general.name in %s", path)
+    return path.stem
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

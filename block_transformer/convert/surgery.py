@@ -1,0 +1,164 @@
+"""Model surgery: a vanilla causal LM becomes a Block Transformer (partition mapping).
+
+Layers [0, N_b) of the source become the block decoder and [N_b, N) the token decoder; embeddings,
+position tables, final norm and LM head are copied bit for bit. The new modules (embedder, start
+vector, prefix expansion and, for the sink-aware init, the token-decoder input table) are then
+initialised by one of the schemes in :mod:`block_transformer.convert.inits`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..errors import ConversionError
+from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
+from .families import Family, family_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    """N = block + token layers; both sides >= 1."""
+
+    block: int
+    token: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Split":
+        try:
+            block, token = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ConversionError(f"--split must look like A/B (e.g. 6/6), got {text!r}") from None
+        return cls(block, token)
+
+    def check(self, num_layers: int) -> None:
+        if self.block < 1 or self.token < 1 or self.block + self.token != num_layers:
+            raise ConversionError(
+                f"split {self.block}/{self.token} does not fit a {num_layers}-layer model: A/B must sum to "
+                f"{num_layers} with both sides >= 1 (e.g. {num_layers // 2}/{num_layers - num_layers // 2})."
+            )
+
+    def __str__(self) -> str:
+        return f"{self.block}/{self.token}"
+
+
+def check_conversion(config: PretrainedConfig, split: Split, block_len: int, num_prefix_tokens: int) -> Family:
+    """Everything that can be checked from the source config alone, before weights are loaded."""
+    family = family_for(config.model_type)
+    if block_len < 1:
+        raise ConversionError(f"--block-len must be >= 1, got {block_len}")
+    if num_prefix_tokens < 1:
+        raise ConversionError(f"--prefix-tokens must be >= 1, got {num_prefix_tokens}")
+    split.check(config.num_hidden_layers)
+    return family
+
+
+def build_config(
+    source_config: PretrainedConfig,
+    family: Family,
+    split: Split,
+    block_len: int,
+    num_prefix_tokens: int,
+    tie_word_embeddings: bool,
+    conversion: dict,
+) -> BlockTransformerConfig:
+    block_cfg = _sub_config(source_config, range(0, split.block))
+    token_cfg = _sub_config(source_config, range(split.block, split.block + split.token))
+    window = _sliding_window(source_config)
+    if window is not None:
+        # Keep the attention span in tokens: the block decoder's positions are blocks of L_B tokens.
+        block_cfg.sliding_window = max(1, math.ceil(window / block_len))
+        conversion = {**conversion, "block_decoder_sliding_window": block_cfg.sliding_window}
+    return BlockTransformerConfig(
+        block_decoder_config=block_cfg,
+        token_decoder_config=token_cfg,
+        block_len=block_len,
+        num_prefix_tokens=num_prefix_tokens,
+        block_decoder_final_norm=family.final_norm,
+        separate_token_embeddings=conversion["init"] == "sink",
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=source_config.pad_token_id,
+        bos_token_id=source_config.bos_token_id,
+        eos_token_id=source_config.eos_token_id,
+        conversion=conversion,
+    )
+
+
+def _sub_config(source_config: PretrainedConfig, layers: range) -> PretrainedConfig:
+    cfg = copy.deepcopy(source_config)
+    cfg.num_hidden_layers = len(layers)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        cfg.layer_types = [layer_types[i] for i in layers]
+    cfg.architectures = None
+    return cfg
+
+
+def _sliding_window(config: PretrainedConfig) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedModel, family: Family) -> list[str]:
+    """Copy every source tensor to its place; returns the names of our parameters that were copied."""
+    base = source.base_model
+    n_block = model.config.block_decoder_config.num_hidden_layers
+    embed_name = _child_name(base, base.get_input_embeddings())
+    layer_prefix = f"{family.layers}."
+    block_state: dict[str, torch.Tensor] = {}
+    token_state: dict[str, torch.Tensor] = {}
+    for key, tensor in base.state_dict().items():
+        if key.startswith(layer_prefix):
+            index, rest = key[len(layer_prefix) :].split(".", 1)
+            if int(index) < n_block:
+                block_state[f"{layer_prefix}{index}.{rest}"] = tensor
+            else:
+                token_state[f"{layer_prefix}{int(index) - n_block}.{rest}"] = tensor
+        elif key.startswith(f"{embed_name}."):
+            continue
+        elif key.startswith(f"{family.final_norm}."):
+            token_state[key] = tensor
+        else:  # position tables and other shared non-layer state
+            block_state[key] = tensor
+            token_state[key] = tensor
+    _load_exact(model.block_decoder, block_state, "block decoder")
+    _load_exact(model.token_decoder, token_state, "token decoder")
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(base.get_input_embeddings().weight)
+        head = source.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ConversionError("LM heads with a bias are not supported yet.")
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight.copy_(head.weight)
+    copied = [f"block_decoder.{k}" for k in block_state] + [f"token_decoder.{k}" for k in token_state]
+    return copied + ["embed_tokens.weight", "lm_head.weight"]
+
+
+def _load_exact(decoder: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    result = decoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConversionError(
+            f"the {what} does not match the source layout (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}): the family descriptor is wrong for this checkpoint."
+        )
+
+
+def _child_name(parent: torch.nn.Module, child: torch.nn.Module) -> str:
+    for name, module in parent.named_modules():
+        if module is child:
+            return name
+    raise ConversionError(f"{type(parent).__name__}'s input embedding is not one of its modules.")
+
+
+def is_tied(source: PreTrainedModel) -> bool:
+    """Whether the source's LM head shares the token embedding (checked on the tensors, not the config)."""
+    return source.get_output_embeddings().weight is source.get_input_embeddings().weight

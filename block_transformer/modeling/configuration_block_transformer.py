@@ -1,0 +1,85 @@
+"""Configuration of a Block Transformer (Ho et al., NeurIPS 2024, arXiv 2406.02657).
+
+Self-contained (torch + transformers only): this file is copied next to the weights of every saved
+model so that ``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works without this package.
+
+The two decoders keep the *source family's* own config (``block_decoder_config``,
+``token_decoder_config``): they are built with ``AutoModel.from_config`` so attention, positions,
+GQA and norms are exactly the family's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class BlockTransformerConfig(PretrainedConfig):
+    r"""
+    Args:
+        block_decoder_config: config of the source family with the lower ``N_b`` layers; its positions
+            count *blocks* (position 0 is the start vector, block ``k`` sits at ``k + 1``).
+        token_decoder_config: config of the source family with the upper ``N_t`` layers; its positions
+            are local to one block (``0 … num_prefix_tokens + block_len - 2``).
+        block_len: tokens per block (``L_B``).
+        num_prefix_tokens: prefix vectors the context embedding expands into (``N_P``).
+        block_decoder_final_norm: attribute of the block decoder's base model that holds the family's
+            final norm; it is replaced by an identity because layer ``N_b`` of the source never saw a
+            normed residual stream.
+        separate_token_embeddings: token-decoder inputs come from their own ``V x D`` table instead of
+            the shared token embedding (set by the sink-aware conversion init).
+        conversion: how the model was made (source, revision, split, init, ...); informational.
+    """
+
+    model_type = "block_transformer"
+    sub_configs_defaults = {
+        "block_decoder_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "token_decoder_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    block_decoder_config: dict | PretrainedConfig | None = None
+    token_decoder_config: dict | PretrainedConfig | None = None
+    block_len: int = 4
+    num_prefix_tokens: int = 2
+    block_decoder_final_norm: str = "norm"
+    separate_token_embeddings: bool = False
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    max_position_embeddings: int | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    conversion: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.block_len < 1:
+            raise ValueError(f"block_len must be >= 1, got {self.block_len}")
+        if self.num_prefix_tokens < 1:
+            raise ValueError(f"num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
+        token_cfg = self.token_decoder_config
+        if self.vocab_size is None:
+            self.vocab_size = token_cfg.vocab_size
+        if self.hidden_size is None:
+            self.hidden_size = token_cfg.hidden_size
+        if self.max_position_embeddings is None:
+            # Block position 0 is the start vector, so B block positions hold (B - 1) * L_B tokens.
+            block_positions = getattr(self.block_decoder_config, "max_position_embeddings", None)
+            if block_positions is not None:
+                self.max_position_embeddings = (block_positions - 1) * self.block_len
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.block_decoder_config.num_hidden_layers + self.token_decoder_config.num_hidden_layers
+
+    @property
+    def token_decoder_len(self) -> int:
+        """Length of one token-decoder window: the prefix plus the first L_B - 1 tokens of a block."""
+        return self.num_prefix_tokens + self.block_len - 1
+
+
+__all__ = ["BlockTransformerConfig"]

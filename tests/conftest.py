@@ -1,0 +1,84 @@
+"""Tiny randomly initialised source models of every supported family, built offline in the tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 101
+SEPARATOR = "<|endoftext|>"
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                   num_hidden_layers=4, max_position_embeddings=128, **_COMMON)
+
+TINY_CONFIGS = {
+    "gpt2": lambda: GPT2Config(n_embd=32, n_head=4, n_layer=4, n_positions=128, **_COMMON),
+    "llama": lambda: LlamaConfig(**_LLAMA_LIKE, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**_LLAMA_LIKE, sliding_window=8, tie_word_embeddings=False),
+    "qwen2": lambda: Qwen2Config(**_LLAMA_LIKE, tie_word_embeddings=True),
+    "gpt_neox": lambda: GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                      num_hidden_layers=4, max_position_embeddings=128, rotary_pct=0.5,
+                                      tie_word_embeddings=False, **_COMMON),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_source(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A random source causal LM; dropout off so outputs are deterministic."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]()
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    # Random init leaves the norms at 1/0: perturb them so a wrongly copied norm would be caught.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over VOCAB ids (id 0 is the separator)."""
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 1)]
+    vocab = {SEPARATOR: 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SEPARATOR))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=SEPARATOR, bos_token=SEPARATOR, pad_token=SEPARATOR, unk_token=SEPARATOR
+    )
+
+
+@pytest.fixture(params=FAMILIES)
+def model_type(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def source_folder(tmp_path_factory, model_type):
+    """A tiny source model + tokenizer saved as a local Hugging Face folder."""
+    path = tmp_path_factory.mktemp(f"src-{model_type}")
+    tiny_source(model_type).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
