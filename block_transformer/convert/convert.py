@@ -41,7 +41,7 @@ def convert(
         num_prefix_tokens=num_prefix_tokens,
         init=init,
         separator_id=resolve_separator(tokenizer, source_model.config.model_type, separator),
-        source_info={"source": src.name, "source_kind": src.kind, "revision": src.revision},
+        source_info={"source": src.name, "source_kind": src.kind, "revision": src.revision, **src.metadata},
     )
     return model, tokenizer, src
 

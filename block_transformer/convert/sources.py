@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -34,6 +34,7 @@ class Source:
     revision: str | None  # hub revision, or the sha256 of a .gguf file
     config: PretrainedConfig
     local_files_only: bool = False
+    metadata: dict = field(default_factory=dict)  # extra facts for config and card (e.g. license)
 
     def _load_kwargs(self) -> dict:
         if self.kind == "gguf":
@@ -86,7 +87,14 @@ def resolve_source(spec: str, revision: str | None = None) -> Source:
 
 def _gguf_source(spec: str, path: Path) -> Source:
     config = _read_config(spec, pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
-    return Source(spec=spec, kind="gguf", name=_gguf_name(path), revision=f"sha256:{_sha256(path)}", config=config)
+    return Source(
+        spec=spec,
+        kind="gguf",
+        name=path.name,
+        revision=f"sha256:{_sha256(path)}",
+        config=config,
+        metadata=_gguf_metadata(path),
+    )
 
 
 def _hub_source(repo_id: str, revision: str | None) -> Source:
@@ -142,17 +150,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _gguf_name(path: Path) -> str:
-    """The model name stored in the GGUF metadata (``general.name``), else the file name."""
-    try:
-        from gguf import GGUFReader
+def _gguf_metadata(path: Path) -> dict:
+    """Readable facts from the GGUF header (``general.*``): model name, organization, license."""
+    from gguf import GGUFReader
 
-        field = GGUFReader(path).get_field("general.name")
-        if field is not None:
-            return field.contents()
-    except Exception:  # noqa: BLE001 - the name is cosmetic; the file name is a fine fallback
-        logger.debug("no general.name in %s", path)
-    return path.stem
+    wanted = {"general.name": "gguf_name", "general.organization": "organization", "general.license": "license"}
+    try:
+        reader = GGUFReader(path)
+        found = {key: reader.get_field(name) for name, key in wanted.items()}
+        return {key: f.contents() for key, f in found.items() if f is not None}
+    except Exception:  # noqa: BLE001 - metadata is informational; conversion reports real read errors
+        logger.debug("could not read the GGUF metadata of %s", path)
+        return {}
 
 
 def _first_line(err: BaseException) -> str:

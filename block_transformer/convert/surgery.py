@@ -98,6 +98,11 @@ def _sub_config(source_config: PretrainedConfig, layers: range) -> PretrainedCon
     if layer_types is not None:
         cfg.layer_types = [layer_types[i] for i in layers]
     cfg.architectures = None
+    # Weights are saved dequantised: a GGUF source's quantization_config must not travel along.
+    for name in ("quantization_config", "_model_name_or_path"):
+        if name in cfg.__dict__:
+            delattr(cfg, name)
+    cfg.name_or_path = ""
     return cfg
 
 
