@@ -14,6 +14,7 @@ vector is the separator's embedding, so block position 0 looks like the start of
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -67,18 +68,26 @@ def init_new_modules(
 
 
 def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer-N_b state of [separator, v] for every vocabulary token v: (state at 0, states at 1)."""
+    """Layer-N_b state of [separator, v] for every vocabulary token v: (state at 0, states at 1).
+
+    The start vector is the separator's embedding, so the block decoder computes exactly the source's
+    lower layers here. Position 0 is run once and its KV cache reused for every token batch.
+    """
     was_training = model.training
     model.eval()
     embed = model.embed_tokens.weight
-    vocab = embed.shape[0]
+    prefix = model.block_decoder(
+        inputs_embeds=model.start.view(1, 1, -1), position_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True
+    )
+    sink = prefix.last_hidden_state[0, 0]
     states = torch.empty_like(embed)
-    sink = None
-    for begin in tqdm(range(0, vocab, batch_size), desc="token-decoder input table", unit="batch", leave=False):
+    for begin in tqdm(range(0, embed.shape[0], batch_size), desc="token-decoder input table", unit="batch"):
         tokens = embed[begin : begin + batch_size].unsqueeze(1)
-        out = model.run_block_decoder(tokens)  # [b, 2, D]: the start vector (= separator) then the token
-        states[begin : begin + batch_size] = out[:, 1]
-        sink = out[0, 0] if sink is None else sink
+        cache = copy.deepcopy(prefix.past_key_values)
+        cache.batch_repeat_interleave(tokens.shape[0])
+        position = torch.ones(1, 1, dtype=torch.long)
+        out = model.block_decoder(inputs_embeds=tokens, position_ids=position, past_key_values=cache, use_cache=True)
+        states[begin : begin + batch_size] = out.last_hidden_state[:, 0]
     model.train(was_training)
     return sink, states
 
