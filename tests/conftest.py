@@ -70,13 +70,16 @@ def model_type(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def source_folder(tmp_path_factory, model_type):
+def save_source(path, model_type: str):
     """A tiny source model + tokenizer saved as a local Hugging Face folder."""
-    path = tmp_path_factory.mktemp(f"src-{model_type}")
     tiny_source(model_type).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def source_folder(tmp_path_factory, model_type):
+    return save_source(tmp_path_factory.mktemp(f"src-{model_type}"), model_type)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, OPTConfig
 from block_transformer.cli import convert_cmd
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
-from conftest import VOCAB, tiny_source
+from conftest import VOCAB, save_source, tiny_source
 
 
 def run(*args: str):
@@ -61,12 +61,7 @@ def test_help_has_examples():
 
 @pytest.fixture
 def gpt2_folder(tmp_path_factory):
-    from conftest import tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("src-gpt2")
-    tiny_source("gpt2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_source(tmp_path_factory.mktemp("src-gpt2"), "gpt2")
 
 
 @pytest.mark.parametrize(
@@ -144,3 +139,23 @@ def test_offline_and_not_cached(tmp_path):
         tmp_path, {"HF_HUB_OFFLINE": "1"}, "gpt2", "--block-len", "4", "--split", "6/6", "-o", str(tmp_path / "out")
     )
     assert result.returncode != 0 and "not in the local Hugging Face cache" in result.stderr
+
+
+def test_hub_id_from_the_local_cache(tmp_path):
+    """A hub id that is already in the Hugging Face cache converts without touching the network."""
+    commit = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--someorg--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    save_source(snapshot, "llama")
+    result, _ = _cli_subprocess(
+        tmp_path,
+        {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},
+        "someorg/tiny-llama", "--block-len", "4", "--split", "2/2", "-o", str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.conversion["source"] == "someorg/tiny-llama"
+    assert model.config.conversion["source_kind"] == "hub"
+    assert "base_model: someorg/tiny-llama" in (tmp_path / "out" / "README.md").read_text()
