@@ -25,7 +25,7 @@ from ..modeling import BlockTransformerForCausalLM
 logger = logging.getLogger(__name__)
 
 INITS = ("sink", "reference")
-DEFAULT_INIT = "sink"  # 75x lower step-0 perplexity on SmolLM2-135M (benchmarks/results/step0_ppl.json)
+DEFAULT_INIT = "sink"  # 85x lower step-0 perplexity on SmolLM2-135M (benchmarks/results/step0_ppl.json)
 
 
 @torch.no_grad()
