@@ -39,14 +39,12 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder should not be
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _default_permissions(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
         out.rename(old)
@@ -54,6 +52,15 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp and some writers create private files; the finished folder gets the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def save_model_folder(model: BlockTransformerForCausalLM, tokenizer, out: Path, overwrite: bool = False) -> Path:
@@ -119,7 +126,7 @@ expect a much higher perplexity than the source until it is (`bt-uptrain`).
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-tok = AutoTokenizer.from_pretrained("{name}")
+tok = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)  # it reads config.json
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
 inputs = tok("The Python tutorial", return_tensors="pt")
 print(tok.decode(model.generate(**inputs, max_new_tokens=20)[0]))

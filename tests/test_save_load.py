@@ -122,3 +122,12 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_folder(tmp_path):
     hub.save_model_folder(_convert("gpt2"), tiny_tokenizer(), out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_saved_files_are_readable_by_others(saved):
+    folder, _ = saved["gpt2"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.iterdir()]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == expected, path
