@@ -2,12 +2,14 @@
 
 from .configuration_block_transformer import BlockTransformerConfig
 from .modeling_block_transformer import (
+    BlockTransformerCache,
     BlockTransformerCausalLMOutput,
     BlockTransformerForCausalLM,
     BlockTransformerPreTrainedModel,
 )
 
 __all__ = [
+    "BlockTransformerCache",
     "BlockTransformerCausalLMOutput",
     "BlockTransformerConfig",
     "BlockTransformerForCausalLM",

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_block_transformer import BlockTransformerConfig
@@ -80,6 +81,121 @@ class BlockTransformerPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, BlockTransformerForCausalLM):
             init.normal_(module.start, mean=0.0, std=self.config.initializer_range)
+
+
+class DecoderKV:
+    """KV buffers for the layers of one decoder: slot i holds position i, rows filled to different lengths.
+
+    Duck-types the part of ``transformers.Cache`` the family's attention layers use (``update``). Each call
+    names the rows taking part and where their new entries go (``prepare``), because rows of a batch sit at
+    different offsets inside their current block (DESIGN §2.6). Attention masks are built here, from the
+    slots, so the family's mask code never has to understand per-row lengths.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, batch_size: int, window: int | None = None, capacity: int | None = None):
+        self.batch_size = batch_size
+        self.window = window
+        self.capacity = capacity  # fixed size (token decoder), or None: grow as blocks arrive
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._rows: torch.Tensor | None = None
+        self._slots: torch.Tensor | None = None
+        self._kv_len = 0
+
+    def prepare(self, rows: torch.Tensor | None, write_at: torch.Tensor, num_new: int, attn_impl: str, dtype):
+        """Set up one call: rows (None = all) write ``num_new`` entries from slot ``write_at``; returns its mask."""
+        self._rows = rows
+        self._slots = write_at.view(-1, 1) + torch.arange(num_new, device=write_at.device)
+        self._kv_len = int(self._slots.max()) + 1
+        keys = torch.arange(self._kv_len, device=write_at.device)
+        allowed = keys <= self._slots.unsqueeze(-1)  # causal; slots past a row's length are never allowed
+        if self.window is not None:
+            allowed &= keys > self._slots.unsqueeze(-1) - self.window
+        allowed = allowed.unsqueeze(1)  # [R, 1, q, kv]
+        if attn_impl == "sdpa":
+            return allowed
+        if attn_impl == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        raise ValueError(
+            f"cached generation supports attn_implementation 'sdpa' and 'eager', not {attn_impl!r}: "
+            "load the model with attn_implementation='sdpa'."
+        )
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        if layer_idx == len(self.keys):
+            shape = (self.batch_size, key.shape[1], self.capacity or self._kv_len, key.shape[-1])
+            self.keys.append(key.new_zeros(shape))
+            self.values.append(value.new_zeros(shape))
+        if self._kv_len > self.keys[layer_idx].shape[2]:
+            grow = max(self._kv_len, 2 * self.keys[layer_idx].shape[2]) - self.keys[layer_idx].shape[2]
+            for buffers in (self.keys, self.values):
+                extra = buffers[layer_idx].new_zeros(*buffers[layer_idx].shape[:2], grow, buffers[layer_idx].shape[3])
+                buffers[layer_idx] = torch.cat([buffers[layer_idx], extra], dim=2)
+        rows = self._rows if self._rows is not None else torch.arange(self.batch_size, device=key.device)
+        self.keys[layer_idx][rows.unsqueeze(1), :, self._slots] = key.transpose(1, 2)
+        self.values[layer_idx][rows.unsqueeze(1), :, self._slots] = value.transpose(1, 2)
+        if self._rows is None:
+            return self.keys[layer_idx][:, :, : self._kv_len], self.values[layer_idx][:, :, : self._kv_len]
+        return self.keys[layer_idx][self._rows, :, : self._kv_len], self.values[layer_idx][self._rows, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+
+class BlockTransformerCache:
+    """Generation state: a block-level cache, a local token cache, and where each row stands.
+
+    After t tokens a row's block cache holds 1 + floor(t / L_B) entries (the start vector plus its complete
+    blocks) and its token cache N_P + (t mod L_B) entries (the current block's prefix and tokens); both are
+    derived from ``num_tokens``, the one per-row counter.
+    """
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: BlockTransformerConfig):
+        self.config = config
+        self.num_tokens: torch.Tensor | None = None  # [B] real tokens seen per row
+        self.current_block: torch.Tensor | None = None  # [B, L_B] ids of each row's current block
+        self.block: DecoderKV | None = None
+        self.token: DecoderKV | None = None
+
+    def start(self, num_tokens: torch.Tensor, current_block: torch.Tensor) -> None:
+        batch = num_tokens.shape[0]
+        self.num_tokens, self.current_block = num_tokens.clone(), current_block.clone()
+        self.block = DecoderKV(batch, window=_sliding_window(self.config.block_decoder_config))
+        self.token = DecoderKV(
+            batch, window=_sliding_window(self.config.token_decoder_config), capacity=self.config.token_decoder_len
+        )
+
+    @property
+    def started(self) -> bool:
+        return self.num_tokens is not None
+
+    def block_cache_lengths(self) -> torch.Tensor:
+        return 1 + self.num_tokens // self.config.block_len
+
+    def token_cache_lengths(self) -> torch.Tensor:
+        return self.config.num_prefix_tokens + self.num_tokens % self.config.block_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.num_tokens is None else int(self.num_tokens.max())
+
+
+def _sliding_window(sub_config) -> int | None:
+    if getattr(sub_config, "use_sliding_window", True) is False:
+        return None
+    return getattr(sub_config, "sliding_window", None)
+
+
+def _rows_where(selected: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the selected rows, or None when every row is selected (no gather needed)."""
+    return None if bool(selected.all()) else selected.nonzero(as_tuple=True)[0]
 
 
 def _build_decoder(sub_config, final_norm: str | None) -> PreTrainedModel:
@@ -137,24 +253,48 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         tokens = self.embed_tokens(block_ids) * block_mask.unsqueeze(-1).to(self.embed_tokens.weight.dtype)
         return self.embedder(tokens.flatten(-2))
 
-    def run_block_decoder(self, block_embeds: torch.Tensor, **kwargs) -> torch.Tensor:
+    def _run_decoder(
+        self,
+        decoder: PreTrainedModel,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        kv: DecoderKV | None = None,
+        rows: torch.Tensor | None = None,
+        write_at: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The family's base model on ``inputs_embeds`` at explicit positions, optionally through a cache."""
+        if kv is None:
+            out = decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs)
+            return out.last_hidden_state
+        if write_at is None:
+            write_at = torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
+        mask = kv.prepare(rows, write_at, inputs.shape[1], decoder.config._attn_implementation, inputs.dtype)
+        out = decoder(
+            inputs_embeds=inputs, position_ids=positions, attention_mask=mask, past_key_values=kv, use_cache=True
+        )
+        return out.last_hidden_state
+
+    def run_block_decoder(self, block_embeds: torch.Tensor, kv: DecoderKV | None = None, **kwargs) -> torch.Tensor:
         """[B, M, D] block embeddings -> [B, M + 1, D] context embeddings (index k serves block k).
 
         Rows with fewer blocks are right-padded: causal attention never lets a real block see the padding,
-        so no mask is needed and every row computes what it computes alone.
+        so no mask is needed and every row computes what it computes alone. Slot i is block position i,
+        which is also the layout of the block cache.
         """
         batch = block_embeds.shape[0]
         start = self.start.to(block_embeds.dtype).expand(batch, 1, -1)
         inputs = torch.cat([start, block_embeds], dim=1)
         positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0)
-        out = self.block_decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs)
-        return out.last_hidden_state
+        return self._run_decoder(self.block_decoder, inputs, positions, kv, **kwargs)
 
     def expand_prefix(self, context: torch.Tensor) -> torch.Tensor:
         """[..., D] context embeddings -> [..., N_P, D] prefix vectors."""
         return self.prefix(context).unflatten(-1, (self.config.num_prefix_tokens, self.config.hidden_size))
 
-    def run_token_decoder(self, prefix: torch.Tensor, token_inputs: torch.Tensor, **kwargs) -> torch.Tensor:
+    def run_token_decoder(
+        self, prefix: torch.Tensor, token_inputs: torch.Tensor, kv: DecoderKV | None = None, **kwargs
+    ) -> torch.Tensor:
         """[R, N_P, D] prefixes + [R, L, D] token inputs (L <= L_B - 1) -> final-normed hidden states.
 
         Only the last prefix slot and the token positions predict anything, so those L + 1 states are
@@ -162,15 +302,15 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         """
         inputs = torch.cat([prefix, token_inputs], dim=1)
         positions = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0)
-        out = self.token_decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs)
-        return out.last_hidden_state[:, self.config.num_prefix_tokens - 1 :]
+        hidden = self._run_decoder(self.token_decoder, inputs, positions, kv, **kwargs)
+        return hidden[:, self.config.num_prefix_tokens - 1 :]
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values=None,
+        past_key_values: BlockTransformerCache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
@@ -179,21 +319,28 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         r"""
         labels: shifted inside as in Hugging Face causal LMs (``labels[:, t + 1]`` is scored against
             ``logits[:, t]``); -100 and positions where ``attention_mask`` is 0 are ignored.
-        logits_to_keep: if > 0, only the last ``logits_to_keep`` positions get logits (generation).
+        past_key_values: a ``BlockTransformerCache``. An empty one is filled from the prompt (prefill); a
+            started one takes only the newest token of each row (``input_ids`` of shape [B, 1]).
+        logits_to_keep: if 1, only the prediction after each row's last real token is computed (generation).
         """
         if input_ids is None:
             raise ValueError("BlockTransformerForCausalLM needs input_ids (block embeddings are built from token ids).")
-        if kwargs.get("inputs_embeds") is not None:
+        if kwargs.pop("inputs_embeds", None) is not None:
             raise ValueError("inputs_embeds is not supported: the block embedder needs token ids.")
-        kwargs.pop("inputs_embeds", None)
-        kwargs.pop("cache_position", None)
-        kwargs.pop("position_ids", None)
+        for unused in ("cache_position", "position_ids", "return_dict"):
+            kwargs.pop(unused, None)
+        if past_key_values is not None and not isinstance(past_key_values, BlockTransformerCache):
+            raise TypeError("past_key_values must be a BlockTransformerCache (or None).")
+        if past_key_values is not None and past_key_values.started:
+            return self._decode_step(input_ids, attention_mask, past_key_values)
+
         batch, seq_len = input_ids.shape
         block_len = self.config.block_len
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         layout = BlockLayout.from_mask(attention_mask, block_len)
         device = input_ids.device
+        rows_all = torch.arange(batch, device=device)
 
         # Regroup each row's real tokens into a block grid [B, M_max + 1, L_B] anchored at its first token.
         n_slots = layout.num_blocks + 1
@@ -201,13 +348,26 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         gather_at = layout.start.view(batch, 1, 1) + offsets
         in_row = offsets.unsqueeze(0) < layout.length.view(batch, 1, 1)
         grid = torch.gather(input_ids, 1, gather_at.clamp(max=seq_len - 1).flatten(1)).view(batch, n_slots, block_len)
+        row_blocks = layout.length // block_len  # complete blocks per row = index of its current block
+
+        cache = past_key_values
+        if cache is not None:
+            cache.start(layout.length, grid[rows_all, row_blocks])
 
         # Block decoder over complete blocks only (a partial block is never embedded).
         block_embeds = self.embed_blocks(grid[:, : layout.num_blocks], in_row[:, : layout.num_blocks])
-        context = self.run_block_decoder(block_embeds, **kwargs)  # [B, M_max + 1, D]
+        context = self.run_block_decoder(block_embeds, kv=cache.block if cache else None, **kwargs)
+
+        if cache is not None:  # the token cache holds the current block: prefix + its tokens so far
+            phase = layout.length % block_len
+            prefix = self.expand_prefix(context[rows_all, row_blocks])
+            tokens = self.token_decoder_inputs(grid[rows_all, row_blocks, : int(phase.max())])
+            last = self.run_token_decoder(prefix, tokens, kv=cache.token)[rows_all, phase]
+            if logits_to_keep == 1:
+                return BlockTransformerCausalLMOutput(logits=self.lm_head(last).unsqueeze(1), past_key_values=cache)
 
         # Token decoder on every block a row reaches: its complete blocks plus the current (partial) one.
-        reached = (layout.length // block_len).view(batch, 1) >= torch.arange(n_slots, device=device)
+        reached = row_blocks.view(batch, 1) >= torch.arange(n_slots, device=device)
         rows, slots = reached.nonzero(as_tuple=True)
         prefix = self.expand_prefix(context[rows, slots])
         token_inputs = self.token_decoder_inputs(grid[rows, slots, : block_len - 1])
@@ -228,7 +388,54 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         loss = None
         if labels is not None:
             loss = self.loss(logits, labels, attention_mask, num_items_in_batch)
-        return BlockTransformerCausalLMOutput(loss=loss, logits=logits, first_token_logits=first_token_logits)
+        return BlockTransformerCausalLMOutput(
+            loss=loss, logits=logits, first_token_logits=first_token_logits, past_key_values=cache
+        )
+
+    def _decode_step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: BlockTransformerCache
+    ) -> BlockTransformerCausalLMOutput:
+        """Feed each row's newest token; rows that complete a block go through embedder + block decoder.
+
+        A completed block is never a token-decoder input: its embedding extends the block cache, the new
+        context is expanded into a fresh prefix (the token cache restarts) and the last prefix slot
+        predicts the next block's first token. Every other row runs one token-decoder position.
+        """
+        if input_ids.shape[1] != 1:
+            raise ValueError("with a started cache, pass only the newest token of each row (input_ids of shape [B, 1]).")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("the newest token of every row must be real (attention_mask 1) during cached decoding.")
+        cfg = self.config
+        block_len, n_prefix = cfg.block_len, cfg.num_prefix_tokens
+        token = input_ids[:, 0]
+        batch = token.shape[0]
+        all_rows = torch.arange(batch, device=token.device)
+        offset = cache.num_tokens % block_len
+        cache.current_block[all_rows, offset] = token
+        completes = offset == block_len - 1
+        hidden = self.embed_tokens.weight.new_empty(batch, cfg.hidden_size)
+
+        if bool(completes.any()):
+            rows = _rows_where(completes)
+            index = all_rows if rows is None else rows
+            block_ids = cache.current_block[index]
+            blocks = self.embed_blocks(block_ids, torch.ones_like(block_ids, dtype=torch.bool)).unsqueeze(1)
+            write_at = 1 + cache.num_tokens[index] // block_len  # block k sits at block position k + 1
+            context = self._run_decoder(self.block_decoder, blocks, write_at.unsqueeze(1), cache.block, rows, write_at)
+            prefix = self.expand_prefix(context[:, 0])
+            positions = torch.arange(n_prefix, device=token.device).expand(index.shape[0], -1)
+            restart = torch.zeros_like(write_at)
+            hidden[index] = self._run_decoder(self.token_decoder, prefix, positions, cache.token, rows, restart)[:, -1]
+        if not bool(completes.all()):
+            rows = _rows_where(~completes)
+            index = all_rows if rows is None else rows
+            write_at = n_prefix + offset[index]
+            inputs = self.token_decoder_inputs(token[index]).unsqueeze(1)
+            hidden[index] = self._run_decoder(
+                self.token_decoder, inputs, write_at.unsqueeze(1), cache.token, rows, write_at
+            )[:, -1]
+        cache.num_tokens += 1
+        return BlockTransformerCausalLMOutput(logits=self.lm_head(hidden).unsqueeze(1), past_key_values=cache)
 
     @staticmethod
     def loss(
@@ -252,9 +459,36 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         total = F.cross_entropy(flat_logits, targets.flatten(), ignore_index=-100, reduction="sum")
         return total / num_items_in_batch
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        """Recompute the whole sequence every step: correct, not fast (no KV cache yet)."""
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1}
+    _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """generate() hook: our own cache (block-level + local), never a DynamicCache or a static cache."""
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported: Block "
+                "Transformers use their own block-level and local caches; leave cache_implementation unset."
+            )
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and not (isinstance(cache, BlockTransformerCache) and not cache.started):
+            raise ValueError("pass no past_key_values to generate(), or a fresh BlockTransformerCache.")
+        if generation_config.use_cache is not False and cache is None:
+            model_kwargs["past_key_values"] = BlockTransformerCache(self.config)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        """Prefill with the whole prompt, then one token per step; without a cache, recompute everything."""
+        if past_key_values is not None and past_key_values.started:
+            input_ids = input_ids[:, -1:]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "logits_to_keep": 1,
+        }
 
 
-__all__ = ["BlockTransformerForCausalLM", "BlockTransformerPreTrainedModel", "BlockTransformerCausalLMOutput"]
+__all__ = [
+    "BlockTransformerCache",
+    "BlockTransformerCausalLMOutput",
+    "BlockTransformerForCausalLM",
+    "BlockTransformerPreTrainedModel",
+]
