@@ -99,3 +99,62 @@ def fetch_demo_cmd():
     _setup_logging(False)
     click.echo(f"model:  {demo.fetch_smollm2()}")
     click.echo(f"corpus: {demo.fetch_pydocs()}")
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  bt-bench smollm2-bt --baseline ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf --preset cpu
+  bt-bench gpt2-bt --baseline gpt2 --batch-size 8 --batch-size 32 --prompt-len 512 --new-tokens 128 --ragged
+  bt-bench pythia-bt --baseline EleutherAI/pythia-410m --preset prefill-heavy --preset decode-heavy --dtype bfloat16
+"""
+)
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--baseline", required=True, help="The source model: hub id, local folder or .gguf file.")
+@click.option("--batch-size", "batch_sizes", type=int, multiple=True, help="Repeatable. [default: 32]")
+@click.option("--prompt-len", "prompt_lens", type=int, multiple=True, help="Repeatable. [default: 1024]")
+@click.option("--new-tokens", "new_tokens", type=int, multiple=True, help="Repeatable. [default: 128]")
+@click.option("--preset", "presets", type=click.Choice(["prefill-heavy", "decode-heavy", "cpu"]), multiple=True,
+              help="Named (prompt, new) settings: prefill-heavy 2048/128, decode-heavy 128/2048, cpu 1024/128 + 128/512.")
+@click.option("--ragged", is_flag=True, help="Also run each setting with prompt lengths spread over [P/2, P].")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed calls per measurement (median).")
+@click.option("--threads", type=int, default=None, help="torch threads [default: all cores].")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: the converted model's]")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full record here.")
+@_friendly_errors
+def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ragged, repeats, threads, dtype, device,
+              json_out):
+    """Batch-generation throughput of MODEL (a converted folder) against its source, side by side.
+
+    The source runs transformers' own generate() with its default dynamic cache and with
+    cache_implementation="static"; same prompts, dtype and device; eos disabled; warm-up first. Each
+    model and setting runs in its own process, so peak memory is its own.
+    """
+    import itertools
+    import json
+
+    from .bench import PRESETS, Setting, run_benchmark
+    from .bench.run import format_table
+
+    _setup_logging(False)
+    if repeats < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--repeats")
+    pairs = [pair for preset in presets for pair in PRESETS[preset]]
+    if prompt_lens or new_tokens or not pairs:
+        pairs += list(itertools.product(prompt_lens or (1024,), new_tokens or (128,)))
+    settings = [
+        Setting(batch, prompt, new, ragged=is_ragged)
+        for batch in (batch_sizes or (32,))
+        for prompt, new in pairs
+        for is_ragged in ((False, True) if ragged else (False,))
+    ]
+    record = run_benchmark(str(model), baseline, settings, repeats=repeats, threads=threads, dtype=dtype,
+                           device=device)
+    click.echo(format_table(record))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(json_out)
+        click.echo(f"wrote {json_out}")

@@ -1,0 +1,170 @@
+"""Batch-generation throughput of a Block Transformer against its source model, measured honestly.
+
+Each model is measured in its own process (``worker``) so that its peak memory is its own. Within a
+process: same random prompts (same seed), eos disabled (``min_new_tokens = max_new_tokens``), a
+warm-up call first, then ``repeats`` timed calls; the median is reported.
+
+* whole call: ``generate(max_new_tokens=N)``, prefill + decode, as the paper reports throughput;
+* time to first token: from the call's start until prefill's logits exist (timed inside the same call);
+* decode only: (whole call - time to first token) over the remaining N - 1 steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, list[tuple[int, int]]] = {
+    # (prompt length, new tokens); named after the paper's settings
+    "prefill-heavy": [(2048, 128)],
+    "decode-heavy": [(128, 2048)],
+    # sized for a 2-core CPU: the issue's targets
+    "cpu": [(1024, 128), (128, 512)],
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    ragged: bool = False  # prompt lengths spread over [prompt_len / 2, prompt_len], left-padded
+
+    @property
+    def name(self) -> str:
+        return f"b{self.batch_size}-p{self.prompt_len}-n{self.new_tokens}{'-ragged' if self.ragged else ''}"
+
+
+def make_prompts(setting: Setting, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token prompts (ids in [10, vocab) to steer clear of special tokens) and their attention mask."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab_size, (setting.batch_size, setting.prompt_len), generator=generator)
+    mask = torch.ones_like(ids)
+    if setting.ragged:
+        lengths = torch.randint(setting.prompt_len // 2, setting.prompt_len + 1, (setting.batch_size,), generator=generator)
+        for row, length in enumerate(lengths.tolist()):
+            mask[row, : setting.prompt_len - length] = 0
+    return ids, mask
+
+
+class _FirstTokenClock(LogitsProcessor):
+    """Notes the time the first logits come out of prefill; a no-op on the scores."""
+
+    def __init__(self):
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            _sync()
+            self.at = time.perf_counter()
+        return scores
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_generation(model, setting: Setting, repeats: int = 3, seed: int = 0, **generate_kwargs) -> dict:
+    """Median whole-call time, time to first token and the derived throughputs for one setting.
+
+    One timed ``generate`` per repeat gives both figures: a logits processor notes when prefill has
+    produced the first logits.
+    """
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in make_prompts(setting, model.config.vocab_size, seed))
+    pad = model.generation_config.pad_token_id
+    common = dict(do_sample=False, pad_token_id=0 if pad is None else pad, **generate_kwargs)
+
+    def timed_call() -> tuple[float, float]:
+        clock = _FirstTokenClock()
+        _sync()
+        started = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=setting.new_tokens,
+                       min_new_tokens=setting.new_tokens, logits_processor=LogitsProcessorList([clock]), **common)
+        _sync()
+        return clock.at - started, time.perf_counter() - started
+
+    with torch.inference_mode():
+        warm = min(setting.prompt_len, 32)  # warm-up: lazy init and kernels, without paying a full prefill
+        model.generate(ids[:, -warm:], attention_mask=mask[:, -warm:], max_new_tokens=4, min_new_tokens=4, **common)
+        runs = [timed_call() for _ in range(repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    total = statistics.median(r[1] for r in runs)
+    generated = setting.batch_size * setting.new_tokens
+    decode_s = max(total - ttft, 1e-9)
+    return {
+        "setting": asdict(setting) | {"name": setting.name},
+        "whole_call_s": total,
+        "whole_call_tokens_per_s": generated / total,
+        "time_to_first_token_s": ttft,
+        "decode_tokens_per_s": setting.batch_size * (setting.new_tokens - 1) / decode_s,
+        "runs": [{"time_to_first_token_s": a, "whole_call_s": b} for a, b in runs],
+        "kv_cache_bytes_per_sequence": kv_cache_bytes(model, setting),
+    }
+
+
+def _attention_shape(config) -> tuple[int, int]:
+    """(key/value heads, head dim) of a family config."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+def kv_cache_bytes(model, setting: Setting) -> int:
+    """KV-cache bytes one sequence holds at the end of a call (analytic, from the architecture).
+
+    Vanilla: every layer keeps K and V for every position. Block Transformer: the block decoder keeps
+    one entry per complete block plus the start vector, the token decoder at most N_P + L_B - 1.
+    """
+    dtype_bytes = next(model.parameters()).element_size()
+    length = setting.prompt_len + setting.new_tokens
+    cfg = model.config
+    if cfg.model_type == "block_transformer":
+        block_kv, block_hd = _attention_shape(cfg.block_decoder_config)
+        token_kv, token_hd = _attention_shape(cfg.token_decoder_config)
+        block = cfg.block_decoder_config.num_hidden_layers * block_kv * block_hd * (1 + length // cfg.block_len)
+        token = cfg.token_decoder_config.num_hidden_layers * token_kv * token_hd * cfg.token_decoder_len
+        return 2 * dtype_bytes * (block + token)
+    kv, hd = _attention_shape(cfg)
+    return 2 * dtype_bytes * cfg.num_hidden_layers * kv * hd * length
+
+
+def bytes_per_decode_step(model, setting: Setting, context: int | None = None) -> dict:
+    """Bytes a decode step must read at ``context`` tokens: all weights once plus the KV cache of the batch.
+
+    Memory-bound decoding runs at roughly bandwidth / these bytes, so the ratio of the two models is the
+    ideal speed-up to set the measured one against. For the Block Transformer the block decoder runs only
+    for the rows that complete a block (1 in L_B on average) but its weights are read whenever any does.
+    """
+    context = context or setting.prompt_len + setting.new_tokens // 2
+    params = sum(p.numel() for p in model.parameters()) * next(model.parameters()).element_size()
+    cfg = model.config
+    batch = setting.batch_size
+    if cfg.model_type == "block_transformer":
+        dtype_bytes = next(model.parameters()).element_size()
+        block_kv, block_hd = _attention_shape(cfg.block_decoder_config)
+        token_kv, token_hd = _attention_shape(cfg.token_decoder_config)
+        rows_completing = batch / cfg.block_len
+        block = 2 * cfg.block_decoder_config.num_hidden_layers * block_kv * block_hd * (1 + context // cfg.block_len)
+        token = 2 * cfg.token_decoder_config.num_hidden_layers * token_kv * token_hd * cfg.token_decoder_len
+        kv = dtype_bytes * (rows_completing * block + batch * token)
+    else:
+        kv = kv_cache_bytes(model, Setting(batch, context, 0)) * batch
+    return {"context": context, "weights_bytes": params, "kv_bytes": int(kv), "total_bytes": int(params + kv)}
+
+
+def machine_load() -> dict:
+    """Load average and CPU count; a busy machine makes CPU timings meaningless."""
+    load1, load5, load15 = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    return {"load_avg": [load1, load5, load15], "cpu_count": cpus, "busy": load1 > 0.5 * cpus}

@@ -1,0 +1,58 @@
+"""Measure one model on one setting in this process, and print one JSON line (run by ``bench.run``).
+
+A process per (model, setting) keeps peak memory attributable: ``ru_maxrss`` is a lifetime peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+
+import torch
+
+
+def load(kind: str, spec: str, dtype: torch.dtype, device: str):
+    if kind == "block_transformer":
+        from transformers import AutoModelForCausalLM
+
+        import block_transformer  # noqa: F401 - registers the Auto classes
+
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    else:
+        from block_transformer.convert.sources import resolve_source
+
+        model = resolve_source(spec).load_model(dtype)
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kind", choices=["block_transformer", "vanilla"], required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--setting", required=True, help="JSON of a Setting")
+    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache-implementation", default=None)
+    args = parser.parse_args(argv)
+
+    from block_transformer.bench.throughput import Setting, bytes_per_decode_step, measure_generation
+
+    torch.set_num_threads(args.threads)
+    setting = Setting(**json.loads(args.setting))
+    model = load(args.kind, args.model, getattr(torch, args.dtype), args.device)
+    extra = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
+    result = measure_generation(model, setting, repeats=args.repeats, **extra)
+    result["bytes_per_decode_step"] = bytes_per_decode_step(model, setting)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if args.device.startswith("cuda"):
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    sys.stdout.write("BENCH_RESULT " + json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

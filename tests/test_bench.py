@@ -1,0 +1,64 @@
+"""bt-bench on tiny models: real workers, real timings, a complete record (no speed claims here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from block_transformer.bench.throughput import Setting, kv_cache_bytes, make_prompts
+from block_transformer.cli import bench_cmd
+from block_transformer.convert import Split
+from block_transformer.convert.convert import convert_model
+from conftest import save_source, tiny_source
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    source = save_source(root / "src", "llama")
+    convert_model(tiny_source("llama"), Split(2, 2), 2, separator_id=0).save_pretrained(root / "bt")
+    return source, root / "bt"
+
+
+def test_bt_bench_end_to_end(folders, tmp_path):
+    source, bt = folders
+    out = tmp_path / "bench.json"
+    args = [str(bt), "--baseline", str(source), "--batch-size", "2", "--prompt-len", "8", "--new-tokens", "5",
+            "--repeats", "1", "--threads", "1", "--ragged", "--json", str(out)]
+    result = CliRunner().invoke(bench_cmd, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert [row["setting"]["name"] for row in record["rows"]] == ["b2-p8-n5", "b2-p8-n5-ragged"]
+    for row in record["rows"]:
+        assert set(row["results"]) == {"block_transformer", "vanilla_dynamic", "vanilla_static"}
+        for measured in row["results"].values():
+            assert measured["whole_call_s"] > 0 and measured["time_to_first_token_s"] > 0
+            assert measured["peak_rss_bytes"] > 10 * 2**20
+        assert row["ratios"]["vs_vanilla_dynamic"]["whole_call_tokens_per_s"] > 0
+    assert "BT vs_vanilla_static" in result.output
+    assert record["load_before"]["cpu_count"] >= 1
+
+
+def test_bad_model_folder(tmp_path):
+    result = CliRunner().invoke(bench_cmd, [str(tmp_path), "--baseline", "x"])
+    assert result.exit_code != 0 and "not a converted model folder" in result.output
+
+
+def test_kv_cache_bytes_are_block_level():
+    source = tiny_source("llama")
+    bt = convert_model(source, Split(2, 2), 4, separator_id=0)
+    setting = Setting(1, 1020, 4)
+    # vanilla: 4 layers x 1024 positions; BT: 2 layers x (1 + 256) blocks + 2 layers x (2 + 3) local
+    kv_heads, head_dim, fp32 = 2, 8, 4
+    assert kv_cache_bytes(source, setting) == 2 * fp32 * 4 * kv_heads * head_dim * 1024
+    assert kv_cache_bytes(bt, setting) == 2 * fp32 * kv_heads * head_dim * (2 * 257 + 2 * 5)
+
+
+def test_ragged_prompts_are_left_padded_and_reproducible():
+    ids, mask = make_prompts(Setting(16, 20, 1, ragged=True), 100, seed=3)
+    again, _ = make_prompts(Setting(16, 20, 1, ragged=True), 100, seed=3)
+    lengths = mask.sum(1)
+    assert (ids == again).all() and lengths.min() >= 10 and lengths.max() <= 20 and len(set(lengths.tolist())) > 3
+    assert (mask[:, -1] == 1).all()
