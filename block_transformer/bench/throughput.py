@@ -139,28 +139,43 @@ def kv_cache_bytes(model, setting: Setting) -> int:
     return 2 * dtype_bytes * cfg.num_hidden_layers * kv * hd * length
 
 
+def _weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of weights a forward step reads: embedding tables only contribute the rows they look up,
+    unless the table doubles as the LM head (tied), which is read whole."""
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    head = head.weight if head is not None else None
+    lookups = {
+        id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head
+    }
+    unique = {id(p): p for p in module.parameters() if id(p) not in lookups}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
 def bytes_per_decode_step(model, setting: Setting, context: int | None = None) -> dict:
-    """Bytes a decode step must read at ``context`` tokens: all weights once plus the KV cache of the batch.
+    """Bytes a decode step must read at ``context`` tokens: the weights it uses plus the batch's KV cache.
 
     Memory-bound decoding runs at roughly bandwidth / these bytes, so the ratio of the two models is the
-    ideal speed-up to set the measured one against. For the Block Transformer the block decoder runs only
-    for the rows that complete a block (1 in L_B on average) but its weights are read whenever any does.
+    ideal speed-up to set the measured one against. In a Block Transformer only the rows that complete
+    a block (1 in L_B on average) read the block decoder's KV cache, and its weights are read on the
+    steps where any row does: 1 in L_B steps when prompts are aligned, almost every step when ragged.
     """
     context = context or setting.prompt_len + setting.new_tokens // 2
-    params = sum(p.numel() for p in model.parameters()) * next(model.parameters()).element_size()
     cfg = model.config
     batch = setting.batch_size
-    if cfg.model_type == "block_transformer":
-        dtype_bytes = next(model.parameters()).element_size()
-        block_kv, block_hd = _attention_shape(cfg.block_decoder_config)
-        token_kv, token_hd = _attention_shape(cfg.token_decoder_config)
-        rows_completing = batch / cfg.block_len
-        block = 2 * cfg.block_decoder_config.num_hidden_layers * block_kv * block_hd * (1 + context // cfg.block_len)
-        token = 2 * cfg.token_decoder_config.num_hidden_layers * token_kv * token_hd * cfg.token_decoder_len
-        kv = dtype_bytes * (rows_completing * block + batch * token)
-    else:
+    if cfg.model_type != "block_transformer":
+        weights = _weight_bytes(model)
         kv = kv_cache_bytes(model, Setting(batch, context, 0)) * batch
-    return {"context": context, "weights_bytes": params, "kv_bytes": int(kv), "total_bytes": int(params + kv)}
+        return {"context": context, "weights_bytes": weights, "kv_bytes": int(kv), "total_bytes": int(weights + kv)}
+    dtype_bytes = next(model.parameters()).element_size()
+    block_kv, block_hd = _attention_shape(cfg.block_decoder_config)
+    token_kv, token_hd = _attention_shape(cfg.token_decoder_config)
+    p_block_step = 1 - (1 - 1 / cfg.block_len) ** batch if setting.ragged else 1 / cfg.block_len
+    block_weights = _weight_bytes(model.block_decoder) + model.embedder.weight.numel() * dtype_bytes
+    weights = _weight_bytes(model) - block_weights + p_block_step * block_weights
+    block = 2 * cfg.block_decoder_config.num_hidden_layers * block_kv * block_hd * (1 + context // cfg.block_len)
+    token = 2 * cfg.token_decoder_config.num_hidden_layers * token_kv * token_hd * cfg.token_decoder_len
+    kv = dtype_bytes * (batch / cfg.block_len * block + batch * token)
+    return {"context": context, "weights_bytes": int(weights), "kv_bytes": int(kv), "total_bytes": int(weights + kv)}
 
 
 def machine_load() -> dict:
