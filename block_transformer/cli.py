@@ -54,9 +54,13 @@ Examples:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--separator", default=None, help="Document-separator token [default: the family's pretraining one].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
+              help="Then publish OUTPUT to this hub repo (as bt-push does).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_friendly_errors
-def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, revision, separator, overwrite, verbose):
+def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, revision, separator, overwrite,
+                push_to_hub, private, verbose):
     """Convert SOURCE (hub id, local HF folder or .gguf file) into a Block Transformer folder.
 
     The lower A layers become the block decoder (global attention over blocks of L_B tokens), the
@@ -65,11 +69,14 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
     import torch
 
     from .convert import Split, convert
-    from .hub import check_output, save_model_folder
+    from .hub import check_output, check_push_possible, check_repo_id, save_model_folder
 
     _setup_logging(verbose)
     log = logging.getLogger("bt-convert")
     check_output(output, overwrite)
+    if push_to_hub:  # a missing token or an unreachable hub should not cost a conversion first
+        check_repo_id(push_to_hub)
+        check_push_possible()
     started = time.perf_counter()
     model, tokenizer, src = convert(
         source,
@@ -84,6 +91,134 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
     log.info("converted %s in %.1f s; saving", src.name, time.perf_counter() - started)
     save_model_folder(model, tokenizer, output, overwrite=overwrite)
     log.info("wrote %s (%.1f s)", output, time.perf_counter() - started)
+    if push_to_hub:
+        _push(output, push_to_hub, private=private, retry_hint=True)
+
+
+def _push(folder: Path, repo_id: str, *, private: bool, revision: str | None = None,
+          commit_message: str | None = None, retry_hint: bool = False) -> None:
+    from .hub import HubError, push_folder
+
+    try:
+        url = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
+    except HubError as err:
+        if not retry_hint:
+            raise
+        raise HubError(f"{err} The converted folder is saved at {folder}: push it later with "
+                       f"`bt-push {folder} {repo_id}`.") from err
+    click.echo(f"pushed {folder} to {repo_id}: {url}")
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  bt-eval smollm2-bt --baseline ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf \\
+          --data ~/.cache/block-transformer/demo/python-docs --max-tokens 4096
+  bt-eval gpt2-bt --baseline gpt2 --data wikitext:wikitext-2-raw-v1:test --json eval.json
+  bt-eval ./my-llama --data 'corpus/*.jsonl' --heldout-tokens 0 --seq-len 1024
+"""
+)
+@click.argument("model")
+@click.option("--baseline", default=None, help="Also score this model (usually the source) on the same tokens.")
+@click.option("--data", "data", required=True,
+              help="A file, folder or glob of .txt/.jsonl/.parquet, or a hub dataset name[:config][:split].")
+@click.option("--text-field", default="text", show_default=True, help="The text field of .jsonl/.parquet/hub rows.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Window length in tokens.")
+@click.option("--max-tokens", type=int, default=None,
+              help="Score at most N tokens [default: the whole held-out tail; 65,536 for a hub split].")
+@click.option("--heldout-tokens", type=int, default=None,
+              help="Held-out tail of a local corpus, scored from its start [default: 65,536, as the benchmarks]; "
+                   "0 scores the data from its first token (a test set of its own).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: each model's own; fp32 for GGUF].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report here.")
+@click.option("--update-card", is_flag=True, help="Add the figures to MODEL's model card (MODEL: a local folder).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@_friendly_errors
+def eval_cmd(model, baseline, data, text_field, seq_len, max_tokens, heldout_tokens, batch_size, device, dtype,
+             json_out, update_card, verbose):
+    """Held-out perplexity of MODEL (a Block Transformer folder or any causal LM: folder, .gguf, hub id).
+
+    With --baseline, both models are scored on exactly the same tokens with the same rule (every
+    token after the first of each window), so the two perplexities and their ratio are comparable.
+    A Block Transformer's prediction of each window's first token (from its start vector) is
+    reported apart and never enters its perplexity.
+    """
+    import json
+
+    import torch
+
+    from .data_spec import DataSpec
+    from .hub import CARD, HubError, write_text_atomic
+    from .measure.evaluation import add_to_card, evaluate
+
+    _setup_logging(verbose)
+    if update_card and not (Path(model).expanduser() / CARD).is_file():
+        raise HubError(f"--update-card needs MODEL to be a local folder with a {CARD} model card; {model} is not.")
+    report = evaluate(
+        model,
+        DataSpec.parse(data, text_field=text_field),
+        baseline=baseline,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        device=device,
+        dtype=getattr(torch, dtype) if dtype else None,
+        heldout_tokens=heldout_tokens,
+    )
+    _print_eval(report)
+    if json_out:
+        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_out}")
+    if update_card:
+        click.echo(f"updated {add_to_card(Path(model).expanduser(), report)}")
+
+
+def _print_eval(report: dict) -> None:
+    data, model, baseline = report["data"], report["model"], report["baseline"]
+    click.echo(f"data      {data['spec']} ({data['kind']}, {data['num_documents']:,} documents, "
+               f"{data['total_tokens']:,} tokens); scored: {data['region']}")
+    click.echo(f"tokens    {model['num_tokens']:,} scored in {model['num_windows']} windows of {model['seq_len']} "
+               f"(the first token of each window is context only); {report['environment']['hardware']}")
+    for role, result in (("model", model), ("baseline", baseline)):
+        if result is None:
+            continue
+        line = f"{role:<9} {result['name']}: perplexity {result['perplexity']:.4g} (loss {result['loss']:.4f})"
+        if result["first_token_loss"] is not None:
+            line += (f"; first-token loss {result['first_token_loss']:.4f} over {result['first_token_count']} "
+                     "tokens, reported apart")
+        click.echo(line)
+    if report["ppl_ratio"] is not None:
+        click.echo(f"ratio     {report['ppl_ratio']:.4g}x (model perplexity / baseline perplexity)")
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  bt-push smollm2-bt you/smollm2-bt
+  bt-push gpt2-bt your-org/gpt2-bt --private --revision step0 --commit-message "conversion only"
+"""
+)
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, help="Branch to push to (created if missing) [default: main].")
+@click.option("--commit-message", default=None, help="[default: Upload FOLDER (Block Transformer, ...)].")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@_friendly_errors
+def push_cmd(folder, repo_id, private, revision, commit_message, verbose):
+    """Publish FOLDER (written by bt-convert) to the Hugging Face hub repo REPO_ID.
+
+    The folder is verified first (config with auto_map, weights matching the model, modeling files,
+    tokenizer, model card); nothing is sent unless it passes. The token comes from HF_TOKEN or
+    `hf auth login` and is never printed. The local folder is only read.
+    """
+    from .hub import check_repo_id
+
+    _setup_logging(verbose)
+    check_repo_id(repo_id)
+    _push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
 
 
 @click.command()

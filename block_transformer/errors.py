@@ -7,3 +7,9 @@ class BlockTransformerError(Exception):
 
 class ConversionError(BlockTransformerError):
     """A source model, split or output path that conversion cannot use."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can be pages long), or its type name."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

@@ -65,6 +65,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A CLI failure is exactly one ``Error:`` line (containing each fragment) and a non-zero exit code."""
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 @pytest.fixture(params=FAMILIES)
 def model_type(request) -> str:
     return request.param

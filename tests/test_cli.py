@@ -16,19 +16,11 @@ from transformers import AutoModelForCausalLM, OPTConfig
 from block_transformer.cli import convert_cmd
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
-from conftest import VOCAB, save_source, tiny_source
+from conftest import VOCAB, assert_one_line_error, save_source, tiny_source
 
 
 def run(*args: str):
     return CliRunner().invoke(convert_cmd, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])

@@ -9,20 +9,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from ..errors import ConversionError
+from ..errors import ConversionError, first_line
 
 logger = logging.getLogger(__name__)
-
-HUB_PROBE_TIMEOUT_S = 3.0
-
 
 @dataclass
 class Source:
@@ -54,7 +49,7 @@ class Source:
             model = AutoModelForCausalLM.from_pretrained(**self._load_kwargs(), dtype=dtype)
         except Exception as err:  # noqa: BLE001 - any loader failure here means unreadable weights
             raise ConversionError(
-                f"could not load the weights of {self.spec}: {_first_line(err)}. "
+                f"could not load the weights of {self.spec}: {first_line(err)}. "
                 "The weight files may be truncated or corrupt: download them again."
             ) from err
         return model.eval()
@@ -63,7 +58,7 @@ class Source:
         try:
             return AutoTokenizer.from_pretrained(**self._load_kwargs())
         except Exception as err:  # noqa: BLE001
-            raise ConversionError(f"could not load the tokenizer of {self.spec}: {_first_line(err)}") from err
+            raise ConversionError(f"could not load the tokenizer of {self.spec}: {first_line(err)}") from err
 
 
 def resolve_source(spec: str, revision: str | None = None) -> Source:
@@ -109,24 +104,11 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
             f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
             "download it first or pass a local folder / .gguf file."
         )
-    _probe_hub()
+    from ..hub import probe_hub
+
+    probe_hub("to convert; pass a local model folder or .gguf file, or set HF_HUB_OFFLINE=1 to use the local cache")
     config = _read_config(repo_id, pretrained_model_name_or_path=repo_id, revision=revision)
     return Source(repo_id, "hub", repo_id, revision, config)
-
-
-def _probe_hub() -> None:
-    """Fail in seconds (not after the 25 s default) when the hub cannot be reached."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        raise ConversionError(
-            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} ({err.strerror or err}). "
-            "Pass a local model folder or .gguf file, or set HF_HUB_OFFLINE=1 to use the local cache."
-        ) from err
 
 
 def _read_config(spec: str, **kwargs) -> PretrainedConfig:
@@ -135,7 +117,7 @@ def _read_config(spec: str, **kwargs) -> PretrainedConfig:
     except ConversionError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise ConversionError(f"could not read the model config of {spec}: {_first_line(err)}") from err
+        raise ConversionError(f"could not read the model config of {spec}: {first_line(err)}") from err
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -163,7 +145,3 @@ def _gguf_metadata(path: Path) -> dict:
         logger.debug("could not read the GGUF metadata of %s", path)
         return {}
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]

@@ -118,6 +118,7 @@ def score(
     batch_size: int = 4,
     max_tokens: int | None = None,
     block_len: int | None = None,
+    desc: str = "perplexity",
 ) -> PerplexityResult:
     """Mean token loss of ``model`` on non-overlapping ``seq_len`` windows of ``token_ids``.
 
@@ -125,7 +126,7 @@ def score(
     dropped, so no window crosses the end of the data and every model sees identical windows.
     ``block_len`` (default: the model's ``config.block_len``, else 1) groups the loss by the position of
     the predicted token within its block; pass the Block Transformer's value for a vanilla model too, to
-    see where within a block the converted model loses quality.
+    see where within a block the converted model loses quality. ``desc`` labels the progress bar.
     """
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}.")
@@ -145,7 +146,7 @@ def score(
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=num_windows, desc="perplexity", unit="window", leave=False) as progress:
+        with tqdm(total=num_windows, desc=desc, unit="window", leave=False) as progress:
             for batch in windows.split(batch_size):
                 batch = batch.to(device)
                 out = model(input_ids=batch, use_cache=False)
