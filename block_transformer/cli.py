@@ -257,9 +257,10 @@ Examples:
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: the converted model's]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full record here.")
+@click.option("--update-card", is_flag=True, help="Add the measured ratios to MODEL's model card.")
 @_friendly_errors
 def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ragged, repeats, threads, dtype, device,
-              json_out):
+              json_out, update_card):
     """Batch-generation throughput of MODEL (a converted folder) against its source, side by side.
 
     The source runs transformers' own generate() with its default dynamic cache and with
@@ -293,3 +294,7 @@ def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ra
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(json_out)
         click.echo(f"wrote {json_out}")
+    if update_card:
+        from .bench.run import add_to_card
+
+        click.echo(f"updated {add_to_card(model, record)}")

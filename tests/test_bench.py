@@ -7,18 +7,20 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from block_transformer import hub
 from block_transformer.bench.throughput import Setting, kv_cache_bytes, make_prompts
 from block_transformer.cli import bench_cmd
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
-from conftest import save_source, tiny_source
+from conftest import save_source, tiny_source, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     source = save_source(root / "src", "llama")
-    convert_model(tiny_source("llama"), Split(2, 2), 2, separator_id=0).save_pretrained(root / "bt")
+    hub.save_model_folder(convert_model(tiny_source("llama"), Split(2, 2), 2, separator_id=0), tiny_tokenizer(),
+                          root / "bt")
     return source, root / "bt"
 
 
@@ -26,7 +28,7 @@ def test_bt_bench_end_to_end(folders, tmp_path):
     source, bt = folders
     out = tmp_path / "bench.json"
     args = [str(bt), "--baseline", str(source), "--batch-size", "2", "--prompt-len", "8", "--new-tokens", "5",
-            "--repeats", "1", "--threads", "1", "--ragged", "--json", str(out)]
+            "--repeats", "1", "--threads", "1", "--ragged", "--json", str(out), "--update-card"]
     result = CliRunner().invoke(bench_cmd, args)
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
@@ -39,6 +41,8 @@ def test_bt_bench_end_to_end(folders, tmp_path):
         assert row["ratios"]["vs_vanilla_dynamic"]["whole_call_tokens_per_s"] > 0
     assert "BT vs_vanilla_static" in result.output
     assert record["load_before"]["cpu_count"] >= 1
+    card = (bt / "README.md").read_text()
+    assert "Batch-generation throughput (bt-bench)" in card and "| b2-p8-n5-ragged | vanilla_static |" in card
 
 
 def test_bad_model_folder(tmp_path):
