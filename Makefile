@@ -3,7 +3,7 @@
 
 install:  ## CPU torch wheel first (an unpinned torch pulls a CUDA build), then the package
 	python -m pip install torch==2.13.0
-	python -m pip install -e ".[test]"
+	python -m pip install -e ".[test,lm-eval]"
 
 test:
 	python -m pytest
