@@ -30,7 +30,8 @@ from block_transformer import __version__  # noqa: E402
 from block_transformer.convert import INITS, Split, resolve_source  # noqa: E402
 from block_transformer.convert.convert import convert_model, resolve_separator  # noqa: E402
 from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
-from block_transformer.measure import HELDOUT_TOKENS, heldout_split, load_text_corpus, score, tokenize_corpus  # noqa: E402
+from block_transformer.data_spec import DataSpec  # noqa: E402
+from block_transformer.measure import HELDOUT_TOKENS, heldout_split, score, tokenize_corpus  # noqa: E402
 
 SPLIT = Split(15, 15)
 BLOCK_LEN = 4
@@ -72,7 +73,7 @@ def main() -> int:
     separator_id = resolve_separator(tokenizer, source_model.config.model_type)
     source_info = {"source": source.name, "source_kind": source.kind, "revision": source.revision, **source.metadata}
 
-    corpus = tokenize_corpus(tokenizer, load_text_corpus(args.corpus), separator_id)
+    corpus = tokenize_corpus(tokenizer, dict(DataSpec.parse(str(args.corpus)).documents()), separator_id)
     train, heldout = heldout_split(corpus.ids, HELDOUT_TOKENS)
     scored_tokens = args.num_windows * args.seq_len
     begin, end = len(train), len(train) + scored_tokens

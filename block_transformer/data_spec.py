@@ -106,7 +106,7 @@ def _local_files(spec: str) -> tuple[Path, list[Path]]:
         files = [path]
     else:
         raise DataError(f"no such file or folder: {spec}")
-    # sorted by path components, as pathlib sorts (measure.load_text_corpus): "a/b" before "a-b/c"
+    # sorted by path components, as pathlib sorts: "a/b" before "a-b/c"
     files = sorted((p for p in files if p.is_file()), key=lambda p: Path(_relative_name(p, root)).parts)
     unsupported = sorted({p.suffix or p.name for p in files if p.suffix not in TEXT_SUFFIXES})
     if unsupported:

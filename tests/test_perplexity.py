@@ -9,7 +9,8 @@ import torch
 
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
-from block_transformer.measure import heldout_split, load_text_corpus, score, tokenize_corpus
+from block_transformer.data_spec import DataError, DataSpec
+from block_transformer.measure import heldout_split, score, tokenize_corpus
 from conftest import VOCAB, tiny_source, tiny_tokenizer
 
 SEQ_LEN = 9
@@ -95,7 +96,7 @@ def test_corpus_is_sorted_joined_by_the_separator_and_held_out_at_the_tail(tmp_p
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "c.txt").write_text("efg")
     (tmp_path / "ignored.md").write_text("zz")
-    docs = load_text_corpus(tmp_path)
+    docs = dict(DataSpec.parse(str(tmp_path)).documents())
     assert list(docs) == ["a.txt", "b/two.txt", "c.txt"]
     tokenizer = tiny_tokenizer()
     corpus = tokenize_corpus(tokenizer, docs, separator_id=0)
@@ -110,5 +111,5 @@ def test_corpus_is_sorted_joined_by_the_separator_and_held_out_at_the_tail(tmp_p
     assert corpus.files_in(5, 6) == []  # the separator alone belongs to no file
     with pytest.raises(ValueError, match="hold out"):
         heldout_split(corpus.ids, corpus.ids.numel())
-    with pytest.raises(FileNotFoundError):
-        load_text_corpus(tmp_path / "b", "*.rst")
+    with pytest.raises(DataError):
+        DataSpec.parse(str(tmp_path / "b" / "*.rst"))

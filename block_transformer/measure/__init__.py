@@ -5,7 +5,6 @@ from .perplexity import (
     PerplexityResult,
     TokenizedCorpus,
     heldout_split,
-    load_text_corpus,
     score,
     tokenize_corpus,
 )
@@ -15,7 +14,6 @@ __all__ = [
     "PerplexityResult",
     "TokenizedCorpus",
     "heldout_split",
-    "load_text_corpus",
     "score",
     "tokenize_corpus",
 ]

@@ -66,18 +66,6 @@ class PerplexityResult:
         return asdict(self)
 
 
-def load_text_corpus(root: Path, pattern: str = "**/*.txt") -> dict[str, str]:
-    """Every file under ``root`` matching ``pattern``, keyed by relative path, in sorted path order.
-
-    Sorted order makes the concatenation, and therefore the held-out tail, the same on every machine.
-    """
-    root = Path(root).expanduser()
-    paths = sorted(p for p in root.glob(pattern) if p.is_file())
-    if not paths:
-        raise FileNotFoundError(f"no files matching {pattern!r} under {root}: point to a folder of text files.")
-    return {p.relative_to(root).as_posix(): p.read_text(encoding="utf-8") for p in paths}
-
-
 def tokenize_corpus(tokenizer, documents: Mapping[str, str], separator_id: int) -> TokenizedCorpus:
     """Tokenise each document on its own (no special tokens) and join them with ``separator_id``.
 
