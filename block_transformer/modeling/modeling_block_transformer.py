@@ -101,13 +101,15 @@ class DecoderKV:
         self.capacity = capacity  # fixed size (token decoder), or None: grow as blocks arrive
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # rows of this call, None = all (then no gather on read)
+        self._write_rows: torch.Tensor | None = None  # the same as indices, for the scatter on write
         self._slots: torch.Tensor | None = None
         self._kv_len = 0
 
     def prepare(self, rows: torch.Tensor | None, write_at: torch.Tensor, num_new: int, attn_impl: str, dtype):
         """Set up one call: rows (None = all) write ``num_new`` entries from slot ``write_at``; returns its mask."""
         self._rows = rows
+        self._write_rows = rows if rows is not None else torch.arange(self.batch_size, device=write_at.device)
         self._slots = write_at.view(-1, 1) + torch.arange(num_new, device=write_at.device)
         self._kv_len = int(self._slots.max()) + 1
         keys = torch.arange(self._kv_len, device=write_at.device)
@@ -136,9 +138,8 @@ class DecoderKV:
             for buffers in (self.keys, self.values):
                 extra = buffers[layer_idx].new_zeros(*buffers[layer_idx].shape[:2], grow, buffers[layer_idx].shape[3])
                 buffers[layer_idx] = torch.cat([buffers[layer_idx], extra], dim=2)
-        rows = self._rows if self._rows is not None else torch.arange(self.batch_size, device=key.device)
-        self.keys[layer_idx][rows.unsqueeze(1), :, self._slots] = key.transpose(1, 2)
-        self.values[layer_idx][rows.unsqueeze(1), :, self._slots] = value.transpose(1, 2)
+        self.keys[layer_idx][self._write_rows.unsqueeze(1), :, self._slots] = key.transpose(1, 2)
+        self.values[layer_idx][self._write_rows.unsqueeze(1), :, self._slots] = value.transpose(1, 2)
         if self._rows is None:
             return self.keys[layer_idx][:, :, : self._kv_len], self.values[layer_idx][:, :, : self._kv_len]
         return self.keys[layer_idx][self._rows, :, : self._kv_len], self.values[layer_idx][self._rows, :, : self._kv_len]
