@@ -14,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..errors import BlockTransformerError
+from ..measure.evaluation import cpu_name
 from .throughput import Setting, machine_load
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def run_benchmark(
         "baseline": baseline,
         "dtype": dtype,
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else _cpu_name(),
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         "threads": threads,
         "repeats": repeats,
         "load_before": load_before,
@@ -102,16 +103,6 @@ def _ratios(bt: dict, vanilla: dict) -> dict:
     ideal = vanilla["bytes_per_decode_step"]["total_bytes"] / bt["bytes_per_decode_step"]["total_bytes"]
     ratios["ideal_decode_speedup_from_bytes"] = ideal
     return ratios
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
 
 
 def format_table(record: dict) -> str:

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import ConversionError
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
+from ..modeling.modeling_block_transformer import sliding_window
 from .families import Family, family_for
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def build_config(
 ) -> BlockTransformerConfig:
     block_cfg = _sub_config(source_config, range(0, split.block))
     token_cfg = _sub_config(source_config, range(split.block, split.block + split.token))
-    window = _sliding_window(source_config)
+    window = sliding_window(source_config)
     if window is not None:
         # Keep the attention span in tokens: the block decoder's positions are blocks of L_B tokens.
         block_cfg.sliding_window = max(1, math.ceil(window / block_len))
@@ -104,13 +105,6 @@ def _sub_config(source_config: PretrainedConfig, layers: range) -> PretrainedCon
             delattr(cfg, name)
     cfg.name_or_path = ""
     return cfg
-
-
-def _sliding_window(config: PretrainedConfig) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if window is None or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
 
 
 def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedModel, family: Family) -> list[str]:

@@ -239,15 +239,18 @@ def hardware(device: str) -> str:
     """What the figures were measured on, for reports and model cards."""
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    cpu = platform.processor() or platform.machine()
+    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def cpu_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+    return platform.processor() or platform.machine()
 
 
 def _truncate(items: list[str], limit: int = 100) -> list[str]:

@@ -169,9 +169,9 @@ class BlockTransformerCache:
     def start(self, num_tokens: torch.Tensor, current_block: torch.Tensor) -> None:
         batch = num_tokens.shape[0]
         self.num_tokens, self.current_block = num_tokens.clone(), current_block.clone()
-        self.block = DecoderKV(batch, window=_sliding_window(self.config.block_decoder_config))
+        self.block = DecoderKV(batch, window=sliding_window(self.config.block_decoder_config))
         self.token = DecoderKV(
-            batch, window=_sliding_window(self.config.token_decoder_config), capacity=self.config.token_decoder_len
+            batch, window=sliding_window(self.config.token_decoder_config), capacity=self.config.token_decoder_len
         )
 
     @property
@@ -188,7 +188,8 @@ class BlockTransformerCache:
         return 0 if self.num_tokens is None else int(self.num_tokens.max())
 
 
-def _sliding_window(sub_config) -> int | None:
+def sliding_window(sub_config) -> int | None:
+    """The family config's attention window in positions, or None (Qwen2 can carry one it does not use)."""
     if getattr(sub_config, "use_sliding_window", True) is False:
         return None
     return getattr(sub_config, "sliding_window", None)
