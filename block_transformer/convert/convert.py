@@ -10,7 +10,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from .. import __version__
 from ..errors import ConversionError
 from ..modeling import BlockTransformerForCausalLM
-from .families import Family
+from .families import Family, family_for
 from .inits import DEFAULT_INIT, init_new_modules
 from .sources import Source, resolve_source
 from .surgery import Split, build_config, check_conversion, copy_source_weights, is_tied
@@ -82,8 +82,6 @@ def convert_model(
 
 def resolve_separator(tokenizer, model_type: str, override: str | None = None) -> int:
     """The document separator's id: ``override`` if given, else the family's pretraining separator."""
-    from .families import family_for
-
     candidates = [override] if override else list(family_for(model_type).separators)
     vocab = tokenizer.get_vocab()
     for token in candidates:
