@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,8 +75,17 @@ def _default_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def save_model_folder(model: BlockTransformerForCausalLM, tokenizer, out: Path, overwrite: bool = False) -> Path:
-    """Write model + tokenizer + modeling code + model card to ``out`` atomically."""
+def save_model_folder(
+    model: BlockTransformerForCausalLM,
+    tokenizer,
+    out: Path,
+    overwrite: bool = False,
+    finalize: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write model + tokenizer + modeling code + model card to ``out`` atomically.
+
+    ``finalize`` adds to the folder (extra files, card sections) before it is renamed into place.
+    """
     out = Path(out)
     with atomic_folder(out, overwrite) as tmp:
         logger.info("saving weights to %s", out)
@@ -86,6 +95,8 @@ def save_model_folder(model: BlockTransformerForCausalLM, tokenizer, out: Path, 
         for name in MODELING_FILES:  # save_pretrained copies them via auto_map; make sure, whatever the caller did
             shutil.copy2(MODELING_DIR / name, tmp / name)
         (tmp / "README.md").write_text(model_card(model, out.name))
+        if finalize is not None:
+            finalize(tmp)
     return out
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 
@@ -94,3 +96,30 @@ def source_folder(tmp_path_factory, model_type):
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+
+
+TINY_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+
+
+def learnable_corpus(path: Path, docs: int = 24, length: int = 200, seed: int = 0) -> Path:
+    """Documents that walk the alphabet from a random letter: next-token prediction is easy to learn."""
+    rng = random.Random(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        start = rng.randrange(26)
+        (path / f"doc{i:03d}.txt").write_text("".join(chr(97 + (start + k) % 26) for k in range(length)))
+    return path
+
+
+def tiny_recipe(tmp_path: Path, model_type: str = "llama", **overrides):
+    """The shipped tiny recipe pointed at a fresh tiny source + learnable corpus under ``tmp_path``."""
+    from block_transformer.uptrain import load_recipe
+
+    source = tmp_path / f"src-{model_type}"
+    if not source.exists():
+        save_source(source, model_type)
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        learnable_corpus(corpus)
+    sets = {"model.source": source, "data.train": corpus, "output.dir": tmp_path / "out", **overrides}
+    return load_recipe(TINY_RECIPE, [f"{k}={'null' if v is None else v}" for k, v in sets.items()])

@@ -1,0 +1,179 @@
+"""Everything a run needs before its first step: model, tokenizer, teacher, LoRA, optimizer groups, schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..convert.families import Family, family_for
+from ..convert.sources import Source, resolve_source
+from ..errors import BlockTransformerError
+from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
+from .recipe import Recipe, RecipeError
+
+logger = logging.getLogger(__name__)
+
+NEW_MODULES = ("embedder.", "prefix.", "start", "token_embed_tokens.")
+"""Parameters that do not exist in the source model: they get their own LR multiplier and always train."""
+
+
+def is_new(name: str) -> bool:
+    return name.startswith(NEW_MODULES)
+
+
+def is_norm(name: str, param: torch.Tensor) -> bool:
+    return param.ndim == 1 and ("norm" in name or ".ln_" in name or "layernorm" in name)
+
+
+@dataclass
+class Built:
+    model: nn.Module  # BlockTransformerForCausalLM, or its peft wrapper
+    tokenizer: object
+    source: Source | None  # the teacher / reference model's source, when known
+    separator_id: int
+    family: Family
+
+
+def load_model(recipe: Recipe) -> tuple[BlockTransformerForCausalLM, object, Source | None]:
+    """The model to train (fp32 master weights), its tokenizer, and the source it came from if known."""
+    m = recipe.model
+    if m.path is not None:
+        path = Path(m.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"model.path {m.path} is not a converted model folder (no config.json): run bt-convert first.")
+        model = BlockTransformerForCausalLM.from_pretrained(path, dtype=torch.float32)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        return model, tokenizer, teacher_source(recipe, model.config)
+    from ..convert import Split, convert
+
+    split = Split.parse(m.split) if m.split else None
+    source = resolve_source(m.source, revision=m.revision)
+    if split is None:
+        layers = source.config.num_hidden_layers
+        split = Split(layers // 2, layers - layers // 2)
+    model, tokenizer, source = convert(
+        m.source, split, m.block_len, m.num_prefix_tokens, init=m.init, dtype=torch.float32,
+        revision=m.revision, separator=m.separator,
+    )
+    if recipe.distill.teacher:
+        source = resolve_source(recipe.distill.teacher)
+    return model.train(), tokenizer, source
+
+
+def teacher_source(recipe: Recipe, config: BlockTransformerConfig) -> Source | None:
+    """The source model of a converted folder: ``distill.teacher``, or the hub id recorded at conversion."""
+    if recipe.distill.teacher:
+        return resolve_source(recipe.distill.teacher)
+    conversion = config.conversion or {}
+    if conversion.get("source_kind") == "hub":
+        return resolve_source(conversion["source"], revision=conversion.get("revision"))
+    if recipe.distill.needs_teacher:
+        raise RecipeError(
+            f"the teacher (the source of {recipe.model.path}, a {conversion.get('source_kind', 'unknown')} "
+            f"{conversion.get('source', '')!r}) cannot be found from the folder: set distill.teacher to its path."
+        )
+    return None
+
+
+def load_teacher(source: Source) -> nn.Module:
+    teacher = source.load_model(torch.float32)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def decoder_layers(decoder: nn.Module, family: Family) -> nn.ModuleList:
+    return getattr(decoder, family.layers)
+
+
+def apply_lora(model: BlockTransformerForCausalLM, recipe: Recipe) -> nn.Module:
+    """LoRA on every linear layer of the two decoders; the new modules (and norms) keep training fully."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = [
+        name for name, module in model.named_modules()
+        if name.startswith(("block_decoder.", "token_decoder.")) and isinstance(module, (nn.Linear, Conv1D))
+    ]
+    config = LoraConfig(
+        r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout, target_modules=targets,
+        fan_in_fan_out=any(isinstance(model.get_submodule(t), Conv1D) for t in targets),
+    )
+    wrapped = get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        if is_new(name) or is_norm(name, param):
+            param.requires_grad_(True)
+    return wrapped
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the plain model, whatever wrappers (peft) sit around it."""
+    return name.removeprefix("base_model.model.")
+
+
+def parameter_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    """AdamW groups: {new, norm, pretrained} x {decay, no decay}. ``kind`` drives LR multiplier and freezing."""
+    groups: dict[tuple[str, bool], list[torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        plain = base_name(name)
+        kind = "new" if is_new(plain) else "norm" if is_norm(plain, param) else "pretrained"
+        decay = param.ndim >= 2
+        groups.setdefault((kind, decay), []).append(param)
+    t = recipe.train
+    return [
+        {
+            "params": params,
+            "kind": kind,
+            "weight_decay": t.weight_decay if decay else 0.0,
+            "lr": t.lr * (t.new_modules_lr_multiplier if kind == "new" else 1.0),
+        }
+        for (kind, decay), params in sorted(groups.items())
+    ]
+
+
+def lr_lambdas(groups: list[dict], recipe: Recipe, total_steps: int) -> list:
+    """Linear warmup, cosine to ``min_lr_ratio``; pretrained weights stay still for ``freeze_pretrained_steps``."""
+    t = recipe.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_fraction * total_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def frozen_then(step: int) -> float:
+        return 0.0 if step < t.freeze_pretrained_steps else schedule(step)
+
+    return [frozen_then if g["kind"] == "pretrained" else schedule for g in groups]
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """trainable / frozen / new parameter counts (tied tables counted once)."""
+    seen: set[int] = set()
+    counts = {"total": 0, "trainable": 0, "frozen": 0, "new": 0}
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        n = param.numel()
+        counts["total"] += n
+        counts["trainable" if param.requires_grad else "frozen"] += n
+        if is_new(base_name(name)) or "lora_" in name:
+            counts["new"] += n
+    return counts
+
+
+def family_of(model: BlockTransformerForCausalLM) -> Family:
+    try:
+        return family_for(model.config.block_decoder_config.model_type)
+    except BlockTransformerError as err:
+        raise RecipeError(str(err)) from err

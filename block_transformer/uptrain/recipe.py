@@ -1,0 +1,229 @@
+"""Uptraining recipes: a YAML file validated against a schema before any work starts.
+
+Every section is a pydantic model that forbids unknown keys, so a typo (``lerning_rate``) is an error
+that names the key and the closest valid one instead of a silently ignored setting. Values that
+cannot work together (a ``seq_len`` that is not a multiple of the block length, two budgets) are
+errors too. ``--set train.lr=1e-4`` overrides any field from the command line, parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import BlockTransformerError
+
+
+class RecipeError(BlockTransformerError):
+    """A recipe that cannot be run: unknown keys, wrong types, impossible values, missing files."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Either a converted folder (``path``) or a source to convert first (``source`` + conversion fields)."""
+
+    path: str | None = None
+    source: str | None = None
+    block_len: int = Field(4, ge=1)
+    split: str | None = None  # "N_b/N_t"; default: half and half
+    num_prefix_tokens: int = Field(2, ge=1)
+    init: str = "sink"
+    separator: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ModelSection:
+        if (self.path is None) == (self.source is None):
+            raise ValueError("set exactly one of model.path (a converted folder) or model.source (to convert)")
+        return self
+
+
+class DataSection(_Section):
+    train: str
+    text_field: str = "text"
+    eval: str | None = None  # explicit held-out data; default: the tail of a local train corpus
+    heldout_tokens: int | None = Field(None, gt=0)  # tail size when eval is not set (default 65,536)
+    heldout_fraction: float | None = Field(None, gt=0, lt=1)
+    seq_len: int = Field(512, ge=2)
+    separator: str | None = None  # token between packed documents; default: the model's recorded separator
+    block_aligned: bool = False  # each document starts on a block boundary; its last block is padded, unscored
+    streaming: bool | None = None  # default: hub datasets stream, local files are read whole
+    shuffle_buffer: int = Field(10_000, ge=1)  # streaming only
+
+    @model_validator(mode="after")
+    def _one_heldout(self) -> DataSection:
+        if self.heldout_tokens is not None and self.heldout_fraction is not None:
+            raise ValueError("set at most one of data.heldout_tokens and data.heldout_fraction")
+        if self.eval is not None and (self.heldout_tokens is not None or self.heldout_fraction is not None):
+            raise ValueError("data.eval is an explicit held-out set: drop data.heldout_tokens/heldout_fraction")
+        return self
+
+
+class TrainSection(_Section):
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)  # sequences per optimizer step, over all processes
+    micro_batch_size: int | None = Field(None, ge=1)  # sequences per process per forward; default: no accumulation
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    new_modules_lr_multiplier: float = Field(1.0, gt=0)  # embedder, prefix, start, token-decoder table
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_fraction: float = Field(0.02, ge=0, lt=1)  # used when warmup_steps is not set
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    freeze_pretrained_steps: int = Field(0, ge=0)  # first K steps train only new modules and norms
+    log_every: int = Field(10, ge=1)
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainSection:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one budget: train.max_steps or train.max_tokens")
+        return self
+
+
+class LoraSection(_Section):
+    """LoRA adapters on the pretrained decoder layers; new modules still train fully. Merged on export."""
+
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class DistillSection(_Section):
+    """The source model as a frozen teacher: loss = ce_weight·CE + kl_weight·KL + hidden_weight·alignment."""
+
+    teacher: str | None = None  # default: the source the model was converted from
+    ce_weight: float = Field(1.0, ge=0)
+    kl_weight: float = Field(0.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    hidden_weight: float = Field(0.0, ge=0)  # hidden-state alignment of token-decoder layers (MOHAWK stage 2)
+    hidden_layers: Literal["all"] | list[int] = "all"  # token-decoder layers j >= 1 (1 = after its first layer)
+    align_prefix: bool = True  # also align the last prefix slot with the previous block's last token
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kl_weight > 0 or self.hidden_weight > 0
+
+
+class EvalSection(_Section):
+    every: int = Field(0, ge=0)  # steps; 0 = only at the start and the end
+    max_tokens: int = Field(8192, ge=2)
+    seq_len: int | None = Field(None, ge=2)  # default: data.seq_len
+    batch_size: int = Field(4, ge=1)
+    source_reference: bool = True  # score the source model once on the same tokens
+
+
+class CheckpointSection(_Section):
+    dir: str | None = None  # default: <output.dir>.checkpoints
+    every: int = Field(0, ge=0)  # steps; 0 = no intermediate checkpoints
+    keep_last: int = Field(2, ge=1)
+
+
+class OutputSection(_Section):
+    dir: str
+    overwrite: bool = False
+    push_to_hub: str | None = None  # repo id
+    private: bool = True
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # weights of the export; default float32
+
+
+class Recipe(_Section):
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    lora: LoraSection = LoraSection()
+    distill: DistillSection = DistillSection()
+    eval: EvalSection = EvalSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    output: OutputSection
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.model.source is not None and self.data.seq_len % self.model.block_len:
+            raise ValueError(
+                f"data.seq_len {self.data.seq_len} is not a multiple of model.block_len {self.model.block_len}"
+            )
+        return self
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or f"{self.output.dir.rstrip('/')}.checkpoints").expanduser()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read ``path``, apply ``key.sub=value`` overrides, validate. Raises :class:`RecipeError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"no such recipe file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must hold a mapping of sections (model, data, train, ...).")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``train.lr=1e-4`` -> raw["train"]["lr"] = 1e-4 (the value is parsed as YAML)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {item!r}: use --set section.key=value, e.g. --set train.lr=1e-4")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value else None
+
+
+def validate(raw: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(f"{where}: " + "; ".join(_explain(e) for e in err.errors())) from None
+
+
+def _explain(error: dict) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "recipe"
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f" (did you mean {'.'.join([*loc[:-1], close[0]])}?)" if close else f" (valid: {', '.join(valid)})"
+        return f"unknown key {key}{hint}"
+    if error["type"] == "missing":
+        return f"missing required key {key}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}" if loc else message
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
