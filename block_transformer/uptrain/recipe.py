@@ -114,6 +114,12 @@ class DistillSection(_Section):
     hidden_layers: Literal["all"] | list[int] = "all"  # token-decoder layers j >= 1 (1 = after its first layer)
     align_prefix: bool = True  # also align the last prefix slot with the previous block's last token
 
+    @model_validator(mode="after")
+    def _layers_from_one(self) -> DistillSection:
+        if isinstance(self.hidden_layers, list) and (not self.hidden_layers or min(self.hidden_layers) < 1):
+            raise ValueError("hidden_layers: list token-decoder layers as 1, 2, ... (1 = after its first layer), or 'all'")
+        return self
+
     @property
     def needs_teacher(self) -> bool:
         return self.kl_weight > 0 or self.hidden_weight > 0

@@ -1,0 +1,96 @@
+"""Recipes: every bad recipe is one clear error before any work starts; --set and --dry-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from block_transformer.cli import uptrain_cmd
+from block_transformer.uptrain import RecipeError, load_recipe
+from conftest import TINY_RECIPE, assert_one_line_error, learnable_corpus, save_source
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """The tiny recipe with real paths, written out as a user would have it."""
+    raw = yaml.safe_load(TINY_RECIPE.read_text())
+    raw["model"]["source"] = str(save_source(tmp_path / "src", "llama"))
+    raw["data"]["train"] = str(learnable_corpus(tmp_path / "corpus"))
+    raw["output"]["dir"] = str(tmp_path / "out")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(uptrain_cmd, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("sets, fragments", [
+    (["train.max_step=5"], ["unknown key train.max_step", "did you mean train.max_steps?"]),
+    (["trian.lr=1"], ["unknown key trian", "did you mean train?"]),
+    (["lora.rank=8"], ["unknown key lora.rank", "(valid: enabled, r, alpha, dropout)"]),
+    (["train.lr=fast"], ["train.lr", "valid number"]),
+    (["train.lr=-1e-4"], ["train.lr", "greater than 0"]),
+    (["data.seq_len=30"], ["data.seq_len 30 is not a multiple of model.block_len 4"]),
+    (["train.max_tokens=1000"], ["exactly one budget"]),
+    (["model.path=somewhere"], ["exactly one of model.path", "model.source"]),
+    (["data.heldout_fraction=1.5"], ["data.heldout_fraction", "less than 1"]),
+    (["distill.hidden_layers=[0]"], ["distill: hidden_layers: list token-decoder layers as 1, 2"]),
+    (["train.mixed_precision=fp8"], ["train.mixed_precision", "'auto', 'no', 'bf16' or 'fp16'"]),
+    (["train.batch_size=3"], ["train.batch_size 3 must be a multiple of train.micro_batch_size (2)"]),
+    (["data.separator=<nope>"], ["data.separator '<nope>' is not a token"]),
+    (["lr=1"], ["unknown key lr", "did you mean"]),
+    (["train.lr"], ["use --set section.key=value"]),
+])
+def test_bad_recipes_fail_before_work(recipe_file, tmp_path, sets, fragments):
+    args = [recipe_file]
+    for item in sets:
+        args += ["--set", item]
+    assert_one_line_error(run(*args), *fragments)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+def test_missing_data_and_model_files(recipe_file, tmp_path):
+    assert_one_line_error(run(recipe_file, "--set", f"data.train={tmp_path / 'nothing'}"), "no such file or folder")
+    assert_one_line_error(run(recipe_file, "--set", f"model.source={tmp_path / 'no-model'}"), "no such file or folder")
+    assert_one_line_error(run(tmp_path / "missing.yaml"), "no such recipe file")
+    (tmp_path / "bad.yaml").write_text("model: [1, 2\n")
+    assert_one_line_error(run(tmp_path / "bad.yaml"), "not valid YAML")
+
+
+def test_existing_output_is_refused_and_resume_needs_a_checkpoint(recipe_file, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert_one_line_error(run(recipe_file), "already exists", "overwrite")
+    assert_one_line_error(run(recipe_file, "--resume"), "no checkpoint to resume from")
+
+
+def test_dry_run_prints_recipe_counts_and_budget(recipe_file, tmp_path):
+    result = run(recipe_file, "--dry-run", "--set", "train.max_steps=10", "--set", "lora.enabled=true")
+    assert result.exit_code == 0, result.output
+    assert "max_steps: 10" in result.output and "enabled: true" in result.output
+    assert "budget: 10 steps x 128 tokens = 1,280 tokens" in result.output
+    counts = result.output.split("parameters: ")[1].splitlines()[0]
+    assert "trainable" in counts and "frozen" in counts and "new" in counts
+    assert not (tmp_path / "out").exists()
+
+
+def test_overrides_are_parsed_as_yaml(recipe_file):
+    recipe = load_recipe(recipe_file, ["train.lr=1e-4", "distill.hidden_layers=[1, 2]", "lora.enabled=yes"])
+    assert recipe.train.lr == 1e-4 and recipe.distill.hidden_layers == [1, 2] and recipe.lora.enabled
+
+
+@pytest.mark.parametrize("name", ["smollm2-pydocs.yaml", "pile.yaml", "tiny.yaml"])
+def test_shipped_recipes_validate(name):
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.data.seq_len % recipe.model.block_len == 0
+
+
+def test_recipe_error_type():
+    with pytest.raises(RecipeError):
+        load_recipe(TINY_RECIPE, ["train.nope=1"])
