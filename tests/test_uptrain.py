@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from block_transformer.modeling import BlockTransformerForCausalLM
+from block_transformer.convert import Split
+from block_transformer.convert.convert import convert_model
 from block_transformer.uptrain import checkpoint, loop
 from block_transformer.uptrain.build import apply_lora
 from block_transformer.uptrain.data import IGNORE, load_local, pack
 from block_transformer.uptrain.loop import TrainingError, uptrain
-from conftest import VOCAB, tiny_recipe, tiny_tokenizer
+from conftest import VOCAB, tiny_recipe, tiny_source, tiny_tokenizer
 
 
 def metrics(recipe) -> list[dict]:
@@ -131,9 +132,13 @@ def test_lora_trains_adapters_and_new_modules_and_exports_merged(tmp_path):
                                       "checkpoint.every": 0})
     out = uptrain(recipe)
     exported = weights(out)
-    assert not any("lora" in k for k in exported)
-    converted = BlockTransformerForCausalLM(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).config)
-    assert set(exported) <= set(converted.state_dict())
+    assert not any("lora" in k or "base_layer" in k for k in exported)
+    initial = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0).state_dict()
+    assert set(exported) <= set(initial)
+    assert torch.equal(exported["embed_tokens.weight"], initial["embed_tokens.weight"]), "frozen under LoRA"
+    assert not torch.equal(exported["embedder.weight"], initial["embedder.weight"]), "new modules train fully"
+    q_proj = "token_decoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(exported[q_proj], initial[q_proj]), "the trained adapter is merged in"
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     ids = torch.randint(1, VOCAB, (2, 12))
     with torch.no_grad():
@@ -142,10 +147,6 @@ def test_lora_trains_adapters_and_new_modules_and_exports_merged(tmp_path):
 
 def test_lora_merged_export_matches_the_unmerged_model(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"lora.enabled": True, "lora.r": 4})
-    from block_transformer.convert import Split
-    from block_transformer.convert.convert import convert_model
-    from conftest import tiny_source
-
     plain = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0)
     wrapped = apply_lora(plain, recipe)
     torch.manual_seed(1)

@@ -206,9 +206,10 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
     progress = tqdm(total=steps, initial=state["step"], desc="uptrain", unit="step",
                     disable=not accelerator.is_local_main_process)
     model.train()
-    window_start, window_tokens = time.perf_counter(), 0
+    window_time, window_tokens = 0.0, 0  # training time only: evals and checkpoints are not in tokens/s
     while state["step"] < steps:
         step = state["step"]
+        step_start = time.perf_counter()
         batch = data.batch_for_step(step, t.batch_size, t.seed) if isinstance(data, LocalData) else \
             data.next_sequences(t.batch_size)
         ce_items = scored_targets(batch.labels).sum().clamp_min(1)
@@ -239,17 +240,17 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
         state["step"] += 1
         state["tokens"] += tokens_per_step
         window_tokens += tokens_per_step
+        window_time += time.perf_counter() - step_start
         progress.update(1)
 
         if state["step"] % t.log_every == 0 or state["step"] == steps:
-            elapsed = time.perf_counter() - window_start
             record = {"step": state["step"], "tokens": state["tokens"], "loss": float(sums[0]), "ce": float(sums[1]),
                       "kl": float(sums[2]), "hidden": float(sums[3]), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_s": window_tokens / elapsed}
+                      "tokens_per_s": window_tokens / window_time}
             log(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
+            window_time, window_tokens = 0.0, 0
         if recipe.eval.every and state["step"] % recipe.eval.every == 0 and state["step"] < steps:
             evaluate_now()
         if recipe.checkpoint.every and state["step"] % recipe.checkpoint.every == 0 and state["step"] < steps:
