@@ -135,7 +135,7 @@ def scored_tokens(
     """Tokenise the data and pick what is scored (see the module docstring)."""
     if spec.kind == "hub":
         cap = max_tokens or HELDOUT_TOKENS
-        corpus = tokenize_corpus(tokenizer, _first_documents(spec, tokenizer, cap), separator_id)
+        corpus = tokenize_corpus(tokenizer, first_documents(spec, tokenizer, cap), separator_id)
         return ScoredTokens(corpus.ids, corpus, 0, f"split {spec.split!r} from its first example")
     documents = dict(spec.documents())
     if not documents:
@@ -153,7 +153,7 @@ def scored_tokens(
     return ScoredTokens(corpus.ids[-tail:], corpus, total - tail, f"held-out tail: the last {tail:,} of {total:,} tokens")
 
 
-def _first_documents(spec: DataSpec, tokenizer, cap: int) -> dict[str, str]:
+def first_documents(spec: DataSpec, tokenizer, cap: int) -> dict[str, str]:
     """Stream documents until they hold at least ``cap`` tokens: a hub split can be any size."""
     documents: dict[str, str] = {}
     count = 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data_spec import DataSpec
+from ..measure.evaluation import first_documents
 from ..measure.perplexity import HELDOUT_TOKENS, tokenize_corpus
 from .recipe import DataSection, RecipeError
 
@@ -108,10 +109,8 @@ def load_local(
     corpus = tokenize_corpus(tokenizer, dict(spec.documents()), separator_id)
     total = corpus.ids.numel()
     if data.eval is not None:
-        eval_spec = DataSpec.parse(data.eval, data.text_field)
-        eval_spec.check_available()
-        eval_corpus = tokenize_corpus(tokenizer, dict(_first_docs(eval_spec, tokenizer, eval_max_tokens)), separator_id)
-        eval_ids, region, end = eval_corpus.ids, f"data.eval {data.eval}", total
+        eval_ids, region = explicit_eval_ids(data, tokenizer, separator_id, eval_max_tokens)
+        end = total
     else:
         tail = math.ceil(total * data.heldout_fraction) if data.heldout_fraction else data.heldout_tokens or HELDOUT_TOKENS
         if not 0 < tail < total:
@@ -125,16 +124,6 @@ def load_local(
     sequences = pack(documents, separator_id, data.seq_len, block_len if data.block_aligned else None)
     logger.info("packed %d training tokens into %d sequences of %d", end, sequences.input_ids.shape[0], data.seq_len)
     return LocalData(sequences=sequences, eval_ids=eval_ids, eval_region=region, train_tokens=end)
-
-
-def _first_docs(spec: DataSpec, tokenizer, cap: int) -> Iterator[tuple[str, str]]:
-    """Documents of ``spec`` until they hold ``cap`` tokens: an eval split can be any size."""
-    count = 0
-    for name, text in spec.documents():
-        yield name, text
-        count += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-        if count >= cap:
-            return
 
 
 class StreamingData:
@@ -203,7 +192,8 @@ class StreamingData:
         return Batch(ids, ids.masked_fill(~mask, IGNORE))
 
 
-def streaming_eval_ids(data: DataSection, tokenizer, separator_id: int, max_tokens: int) -> tuple[torch.Tensor, str]:
+def explicit_eval_ids(data: DataSection, tokenizer, separator_id: int, max_tokens: int) -> tuple[torch.Tensor, str]:
+    """The first ``max_tokens`` tokens of ``data.eval`` (required when the training data is streamed)."""
     if data.eval is None:
         raise RecipeError(
             f"data.train {data.train} is streamed, so it has no held-out tail: set data.eval to a held-out split "
@@ -211,5 +201,5 @@ def streaming_eval_ids(data: DataSection, tokenizer, separator_id: int, max_toke
         )
     spec = DataSpec.parse(data.eval, data.text_field)
     spec.check_available()
-    corpus = tokenize_corpus(tokenizer, dict(_first_docs(spec, tokenizer, max_tokens)), separator_id)
+    corpus = tokenize_corpus(tokenizer, first_documents(spec, tokenizer, max_tokens), separator_id)
     return corpus.ids, f"data.eval {data.eval}"

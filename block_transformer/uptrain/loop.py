@@ -38,7 +38,7 @@ from .build import (
     lr_lambdas,
     parameter_groups,
 )
-from .data import Batch, LocalData, StreamingData, load_local, streaming_eval_ids
+from .data import Batch, LocalData, StreamingData, explicit_eval_ids, load_local
 from .losses import alignment_mask, alignment_sum, capture_outputs, kl_sum, scored_targets, token_decoder_states
 from .recipe import Recipe, RecipeError
 
@@ -122,7 +122,7 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
     eval_seq_len = recipe.eval.seq_len or d.seq_len
     if streaming:
         data: LocalData | StreamingData = StreamingData(d, tokenizer, separator_id, block_len, t.seed)
-        eval_ids, eval_region = streaming_eval_ids(d, tokenizer, separator_id, recipe.eval.max_tokens)
+        eval_ids, eval_region = explicit_eval_ids(d, tokenizer, separator_id, recipe.eval.max_tokens)
     else:
         data = load_local(d, tokenizer, separator_id, block_len, recipe.eval.max_tokens)
         eval_ids, eval_region = data.eval_ids, data.eval_region
@@ -245,7 +245,7 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
 
         if state["step"] % t.log_every == 0 or state["step"] == steps:
             record = {"step": state["step"], "tokens": state["tokens"], "loss": float(sums[0]), "ce": float(sums[1]),
-                      "kl": float(sums[2]), "hidden": float(sums[3]), "lr": scheduler.get_last_lr()[0],
+                      "kl": float(sums[2]), "hidden": float(sums[3]), "lr": t.lr * scheduler.lr_lambdas[-1](state["step"] - 1),
                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
                       "tokens_per_s": window_tokens / window_time}
             log(record)
