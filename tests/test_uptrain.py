@@ -231,3 +231,25 @@ def test_two_processes_with_torchrun(tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
     written = sorted(p.name for p in (tmp_path / "two").iterdir())
     assert written == ["corpus", "out", "out.checkpoints", "src-llama"]
+
+
+def test_freeze_pretrained_steps_trains_only_new_modules_and_norms(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 3, "train.freeze_pretrained_steps": 3, "eval.every": 0,
+                                      "checkpoint.every": 0, "eval.source_reference": False})
+    exported = weights(uptrain(recipe))
+    initial = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0).state_dict()
+    for name in ("embed_tokens.weight", "token_decoder.layers.1.mlp.up_proj.weight", "block_decoder.layers.0.self_attn.o_proj.weight"):
+        assert torch.equal(exported[name], initial[name]), name
+    for name in ("embedder.weight", "prefix.weight", "start", "token_decoder.norm.weight"):
+        assert not torch.equal(exported[name], initial[name]), name
+
+
+def test_gradient_checkpointing_and_block_aligned_packing_with_distillation(tmp_path):
+    common = {"train.max_steps": 2, "eval.every": 0, "checkpoint.every": 0, "eval.source_reference": False,
+              "data.block_aligned": True, "distill.kl_weight": 1.0, "distill.hidden_weight": 1.0}
+    plain = weights(uptrain(tiny_recipe(tmp_path / "a", **common)))
+    checkpointed = weights(uptrain(tiny_recipe(tmp_path / "b", **common, **{"train.gradient_checkpointing": True})))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+    records = [r for r in metrics(tiny_recipe(tmp_path / "a", **common)) if "loss" in r]
+    assert all(r["kl"] > 0 and r["hidden"] > 0 for r in records)

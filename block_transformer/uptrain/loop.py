@@ -9,6 +9,7 @@ processes. Only the main process writes files.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ from .recipe import Recipe, RecipeError
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 class TrainingError(BlockTransformerError):
@@ -88,6 +90,9 @@ def check_before_work(recipe: Recipe, resume: str | None) -> None:
             f"{recipe.checkpoint_dir} already holds checkpoints of a run: pass --resume to continue it, "
             "or set checkpoint.dir to a new folder."
         )
+    for tracker in recipe.train.report_to:
+        if importlib.util.find_spec(_TRACKER_PACKAGES[tracker]) is None:
+            raise RecipeError(f"train.report_to lists {tracker}, which is not installed: pip install {tracker}.")
     if recipe.output.push_to_hub:
         from ..hub import check_push_possible, check_repo_id
 
