@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -113,6 +112,8 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
     )
     set_seed(t.seed)
     micro = micro_batch_size(recipe, accelerator.num_processes)
+    # set before prepare(): DeepSpeed reads it into its config and steps on its own boundaries
+    accelerator.gradient_accumulation_steps = t.batch_size // (micro * accelerator.num_processes)
     steps = total_steps(recipe)
 
     # --- model, data, teacher ------------------------------------------------------------------------
@@ -223,12 +224,12 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
                      batch.labels[rank * per_rank : (rank + 1) * per_rank]).to(accelerator.device)
         sums = torch.zeros(4, device=accelerator.device)  # total, ce, kl, hidden (each already normalised)
         chunks = list(zip(mine.input_ids.split(micro), mine.labels.split(micro)))
-        for i, (input_ids, labels) in enumerate(chunks):
-            sync = nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
-            with sync:
+        for input_ids, labels in chunks:
+            with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
                 parts = _losses(model, teacher, input_ids, labels, recipe, student_layers, teacher_layers,
                                 ce_items / world, align_items / world, block_len, num_prefix, accelerator)
-                accelerator.backward(parts[0])
+                # losses are already normalised by the step's global counts: undo backward()'s 1/accumulation
+                accelerator.backward(parts[0] * len(chunks))
             sums += torch.stack([p.detach().float() for p in parts])
         sums = accelerator.reduce(sums, reduction="sum")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
