@@ -62,7 +62,12 @@ def resolve(resume: str | Path, default_root: Path) -> Path:
     return found[-1]
 
 
+def read_state(path: Path) -> dict:
+    """The trainer state of checkpoint ``path`` (cheap: no weights are read)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load(accelerator: Accelerator, path: Path) -> dict:
     """Restore model, optimizer, scheduler and RNG in place; returns the trainer state."""
     accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+    return read_state(path)

@@ -134,13 +134,16 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
         eval_ids, eval_region = data.eval_ids, data.eval_region
     eval_ids = eval_ids[: recipe.eval.max_tokens]
 
+    ckpt_root = recipe.checkpoint_dir
+    resume_path = checkpoint.resolve(resume, ckpt_root) if resume is not None else None
+    reference = checkpoint.read_state(resume_path).get("reference") if resume_path else None  # scored once per run
     dist = recipe.distill
+    wants_reference = recipe.eval.source_reference and reference is None
     teacher = load_teacher(source).to(accelerator.device) if source is not None and (
-        dist.needs_teacher or recipe.eval.source_reference) else None
+        dist.needs_teacher or wants_reference) else None
     if dist.needs_teacher and teacher is None:
         raise RecipeError("distillation needs a teacher: set distill.teacher to the source model.")
-    reference = None
-    if teacher is not None and recipe.eval.source_reference:
+    if teacher is not None and wants_reference:
         reference = _evaluate(teacher, eval_ids, eval_seq_len, recipe, block_len, f"source: {source.name}")
     if not dist.needs_teacher:
         teacher = None
@@ -168,17 +171,14 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
         teacher_layers = {j: decoder_layers(teacher.base_model, family)[split_at + j - 1] for j in hidden_layers}
 
     # --- state: fresh or resumed ---------------------------------------------------------------------
-    ckpt_root = recipe.checkpoint_dir
     state = {"step": 0, "tokens": 0, "evals": [], "reference": reference, "data": None, "recipe": recipe.to_yaml()}
-    if resume is not None:
-        path = checkpoint.resolve(resume, ckpt_root)
-        loaded = checkpoint.load(accelerator, path)
+    if resume_path is not None:
+        loaded = checkpoint.load(accelerator, resume_path)
         _warn_recipe_changes(loaded.get("recipe"), recipe)
         state.update({k: loaded[k] for k in ("step", "tokens", "evals", "data")})
-        state["reference"] = loaded.get("reference") or reference
         if isinstance(data, StreamingData) and state["data"] is not None:
             data.load_state_dict(state["data"])
-        logger.info("resumed from %s at step %d (%s tokens)", path, state["step"], f"{state['tokens']:,}")
+        logger.info("resumed from %s at step %d (%s tokens)", resume_path, state["step"], f"{state['tokens']:,}")
     metrics_path = ckpt_root / METRICS_FILE
     if accelerator.is_main_process:
         ckpt_root.mkdir(parents=True, exist_ok=True)
