@@ -17,7 +17,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from block_transformer import __version__  # noqa: E402
 from block_transformer.convert import INITS, Split, resolve_source  # noqa: E402
 from block_transformer.convert.convert import convert_model, resolve_separator  # noqa: E402
 from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
+from block_transformer.export import write_text_atomic  # noqa: E402
 from block_transformer.data_spec import DataSpec  # noqa: E402
 from block_transformer.measure import HELDOUT_TOKENS, heldout_split, score, tokenize_corpus  # noqa: E402
 
@@ -128,7 +128,7 @@ def main() -> int:
             "wall_s": time.perf_counter() - started,
         },
     }
-    write_json(args.json, report)
+    write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")  # never half a result
     logger.info("wrote %s (%.0f s in all)", args.json, report["environment"]["wall_s"])
     return 0
 
@@ -142,15 +142,6 @@ def print_table(runs: list[dict]) -> None:
         by_pos = " ".join(f"{x:.3f}" for x in run["loss_by_block_position"])
         print(f"{run['model']:<18} {run['init'] or '-':<10} {run['perplexity']:>10.4g} "
               f"{run['ppl_ratio_to_source']:>9.3g} {first:>14}  {by_pos}")
-
-
-def write_json(path: Path, report: dict) -> None:
-    """Write to a temp file beside ``path`` and rename, so a crash never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(f.name, path)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
     import torch
 
     from .convert import Split, convert
-    from .hub import check_output, check_push_possible, check_repo_id, save_model_folder
+    from .export import check_output, save_model_folder
+    from .hub import check_push_possible, check_repo_id
 
     _setup_logging(verbose)
     log = logging.getLogger("bt-convert")
@@ -98,15 +99,16 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
 
 def _push(folder: Path, repo_id: str, *, private: bool, revision: str | None = None,
           commit_message: str | None = None, retry_hint: bool = False) -> None:
+    from .export import ExportError
     from .hub import HubError, push_folder
 
     try:
         url = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
-    except HubError as err:
+    except (ExportError, HubError) as err:
         if not retry_hint:
             raise
-        raise HubError(f"{err} The converted folder is saved at {folder}: push it later with "
-                       f"`bt-push {folder} {repo_id}`.") from err
+        raise type(err)(f"{err} The converted folder is saved at {folder}: push it later with "
+                        f"`bt-push {folder} {repo_id}`.") from err
     click.echo(f"pushed {folder} to {repo_id}: {url}")
 
 
@@ -193,12 +195,12 @@ def eval_cmd(model, baseline, data, text_field, seq_len, max_tokens, heldout_tok
     import torch
 
     from .data_spec import DataSpec
-    from .hub import CARD, HubError, write_text_atomic
-    from .measure.evaluation import add_to_card, evaluate
+    from .export import CARD, ExportError, add_eval_row, write_text_atomic
+    from .measure.evaluation import evaluate
 
     _setup_logging(verbose)
     if update_card and not (Path(model).expanduser() / CARD).is_file():
-        raise HubError(f"--update-card needs MODEL to be a local folder with a {CARD} model card; {model} is not.")
+        raise ExportError(f"--update-card needs MODEL to be a local folder with a {CARD} model card; {model} is not.")
     report = evaluate(
         model,
         DataSpec.parse(data, text_field=text_field),
@@ -215,7 +217,7 @@ def eval_cmd(model, baseline, data, text_field, seq_len, max_tokens, heldout_tok
         write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_out}")
     if update_card:
-        click.echo(f"updated {add_to_card(Path(model).expanduser(), report)}")
+        click.echo(f"updated {add_eval_row(Path(model).expanduser(), report)}")
 
 
 def _print_eval(report: dict) -> None:
@@ -315,6 +317,7 @@ def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ra
 
     from .bench import PRESETS, Setting, run_benchmark
     from .bench.run import format_table
+    from .export import add_bench_rows, write_text_atomic
 
     _setup_logging(False)
     if repeats < 1:
@@ -332,12 +335,7 @@ def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ra
                            device=device)
     click.echo(format_table(record))
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(json_out)
+        write_text_atomic(json_out, json.dumps(record, indent=2))
         click.echo(f"wrote {json_out}")
     if update_card:
-        from .bench.run import add_to_card
-
-        click.echo(f"updated {add_to_card(model, record)}")
+        click.echo(f"updated {add_bench_rows(model, record)}")

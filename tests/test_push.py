@@ -24,7 +24,7 @@ from conftest import assert_one_line_error as one_line_error
 from conftest import save_source, tiny_source, tiny_tokenizer
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 
-from block_transformer import hub
+from block_transformer import export
 from block_transformer.cli import convert_cmd, push_cmd
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
@@ -97,7 +97,7 @@ def fake_hub(monkeypatch):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = convert_model(tiny_source("gpt2"), Split(2, 2), 4, separator_id=0, source_info={"source": "tiny"})
-    return hub.save_model_folder(model, tiny_tokenizer(), tmp_path_factory.mktemp("push") / "tiny-bt")
+    return export.save_model_folder(model, tiny_tokenizer(), tmp_path_factory.mktemp("push") / "tiny-bt")
 
 
 @pytest.fixture
@@ -248,15 +248,14 @@ def test_bad_arguments(fake_hub, folder, args, fragment):
     assert fake_hub.paths() == []
 
 
-def test_verify_accepts_sharded_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "MAX_SHARD_SIZE", "20KB")
+def test_verify_accepts_sharded_folders(tmp_path):
     model = convert_model(tiny_source("qwen2"), Split(2, 2), 4, separator_id=0)
-    folder = hub.save_model_folder(model, tiny_tokenizer(), tmp_path / "sharded")
-    summary = hub.verify_folder(folder)
+    folder = export.save_model_folder(model, tiny_tokenizer(), tmp_path / "sharded", max_shard_size="20KB")
+    summary = export.verify_folder(folder)
     assert "model.safetensors.index.json" in summary["files"] and summary["num_tensors"] > 0
     next(folder.glob("model-00002-*.safetensors")).unlink()
-    with pytest.raises(hub.HubError, match="weight shard model-00002"):
-        hub.verify_folder(folder)
+    with pytest.raises(export.ExportError, match="weight shard model-00002"):
+        export.verify_folder(folder)
 
 
 def test_unreachable_hub_fails_fast_and_keeps_the_folder(saved, tmp_path):
@@ -280,9 +279,9 @@ def test_unreachable_hub_fails_fast_and_keeps_the_folder(saved, tmp_path):
 
 def card_for(conversion: dict) -> dict:
     model = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0, source_info=conversion)
-    text = hub.model_card(model, "tiny-bt")
+    text = export.model_card(model, "tiny-bt")
     assert "trust_remote_code=True" in text and "## Measured results" in text and "No figures measured yet" in text
-    return hub.card_metadata(text)
+    return export.card_metadata(text)
 
 
 def test_card_metadata_for_a_hub_source():

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from block_transformer import hub
+from block_transformer import export
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
 from block_transformer.errors import BlockTransformerError
@@ -36,7 +36,7 @@ def saved(tmp_path_factory):
         model = _convert(model_type)
         with torch.no_grad():
             logits = model(IDS, attention_mask=MASK).logits
-        folders[model_type] = (hub.save_model_folder(model, tiny_tokenizer(), root / model_type), logits)
+        folders[model_type] = (export.save_model_folder(model, tiny_tokenizer(), root / model_type), logits)
     return folders
 
 
@@ -44,7 +44,7 @@ def test_folder_has_everything_a_hub_model_needs(saved):
     folder, _ = saved["llama"]
     names = {p.name for p in folder.iterdir()}
     expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md"}
-    assert expected | set(hub.MODELING_FILES) <= names
+    assert expected | set(export.MODELING_FILES) <= names
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_block_transformer.BlockTransformerForCausalLM"
     assert config["block_len"] == 3 and config["num_prefix_tokens"] == 2
@@ -93,9 +93,8 @@ def test_load_in_process_keeps_weights_tying_and_generates(saved):
     assert out.shape == (1, 8) and int(out.max()) < VOCAB
 
 
-def test_large_models_are_sharded(tmp_path, monkeypatch):
-    monkeypatch.setattr(hub, "MAX_SHARD_SIZE", "20KB")
-    folder = hub.save_model_folder(_convert("gpt2"), tiny_tokenizer(), tmp_path / "out")
+def test_large_models_are_sharded(tmp_path):
+    folder = export.save_model_folder(_convert("gpt2"), tiny_tokenizer(), tmp_path / "out", max_shard_size="20KB")
     assert (folder / "model.safetensors.index.json").is_file()
     assert len(list(folder.glob("model-*.safetensors"))) > 1
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
@@ -109,17 +108,17 @@ def test_failed_save_leaves_nothing_and_keeps_the_old_folder(tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk full"):
-        hub.save_model_folder(_convert("gpt2"), Broken(), out)
+        export.save_model_folder(_convert("gpt2"), Broken(), out)
     assert list(tmp_path.iterdir()) == []
 
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(BlockTransformerError, match="--overwrite"):
-        hub.save_model_folder(_convert("gpt2"), tiny_tokenizer(), out)
+        export.save_model_folder(_convert("gpt2"), tiny_tokenizer(), out)
     with pytest.raises(RuntimeError, match="disk full"):
-        hub.save_model_folder(_convert("gpt2"), Broken(), out, overwrite=True)
+        export.save_model_folder(_convert("gpt2"), Broken(), out, overwrite=True)
     assert (out / "keep.txt").read_text() == "old"
-    hub.save_model_folder(_convert("gpt2"), tiny_tokenizer(), out, overwrite=True)
+    export.save_model_folder(_convert("gpt2"), tiny_tokenizer(), out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

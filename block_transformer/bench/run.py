@@ -124,27 +124,3 @@ def format_table(record: dict) -> str:
             )
     return "\n".join(lines)
 
-
-CARD_TITLE = "Batch-generation throughput (bt-bench)"
-CARD_COLUMNS = ("setting", "vs", "whole call", "decode", "time to first token", "dtype", "hardware", "date")
-
-
-def add_to_card(folder: Path, record: dict) -> Path:
-    """One card row per (setting, baseline cache): BT/vanilla ratios, with the hardware they were measured on."""
-    import datetime
-
-    from ..hub import update_card_table
-
-    hardware = f"{record['device_name']} ({record['device']}, {record['threads']} threads)"
-    today = datetime.date.today().isoformat()
-    path = Path(folder) / "README.md"
-    for row in record["rows"]:
-        for name, ratios in row["ratios"].items():
-            path = update_card_table(
-                folder, "bench", CARD_TITLE, CARD_COLUMNS,
-                (row["setting"]["name"], name.removeprefix("vs_"), f"{ratios['whole_call_tokens_per_s']:.2f}x",
-                 f"{ratios['decode_tokens_per_s']:.2f}x", f"{ratios['time_to_first_token_s']:.2f}x",
-                 record["dtype"], hardware, today),
-                key_columns=2,
-            )
-    return path

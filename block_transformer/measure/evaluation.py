@@ -262,34 +262,3 @@ def _transformers_version() -> str:
 
     return transformers.__version__
 
-
-CARD_TITLE = "Held-out perplexity (bt-eval)"
-CARD_COLUMNS = ("data", "seq len", "tokens scored", "baseline", "perplexity", "baseline perplexity", "ratio",
-                "first-token loss", "hardware", "date")
-
-
-def add_to_card(folder: Path, report: dict) -> Path:
-    """Add (or refresh) this report's row in the folder's model card, under "Measured results".
-
-    Local data are named by their folder/file name and the scored region, not by the local path, which
-    means nothing to a reader of the card.
-    """
-    from ..hub import EVAL_SECTION, update_card_table
-
-    data = report["data"]
-    where = Path(data["spec"]).name if data["kind"] == "local" else data["spec"]
-    model, baseline = report["model"], report["baseline"]
-    first = model["first_token_loss"]
-    row = (
-        f"{where} ({data['region']})",
-        model["seq_len"],
-        f"{model['num_tokens']:,}",
-        Path(baseline["spec"]).name if baseline else "-",
-        f"{model['perplexity']:.4g}",
-        f"{baseline['perplexity']:.4g}" if baseline else "-",
-        f"{report['ppl_ratio']:.3g}x" if baseline else "-",
-        f"{first:.3f}" if first is not None else "-",
-        report["environment"]["hardware"],
-        report["timestamp"][:10],
-    )
-    return update_card_table(folder, EVAL_SECTION, CARD_TITLE, CARD_COLUMNS, row, key_columns=4)

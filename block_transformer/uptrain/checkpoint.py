@@ -15,6 +15,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from ..export import replace_folder
 from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, keep_last
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        replace_folder(tmp, final)
         for old in checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint: %s", final)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import BlockTransformerError
-from ..hub import check_output, update_card_table
+from ..export import add_uptrain_row, check_output, save_model_folder, write_text_atomic
 from ..measure.evaluation import hardware
 from ..measure.perplexity import score
 from . import checkpoint
@@ -365,7 +365,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -429,21 +429,12 @@ def _method(recipe: Recipe) -> str:
 
 
 def _export(model, tokenizer, out: Path, recipe: Recipe, summary: dict, metrics_path: Path) -> None:
-    from ..hub import save_model_folder
-
     def finalize(folder: Path) -> None:
         (folder / "uptraining_recipe.yaml").write_text(recipe.to_yaml())
         (folder / "uptraining_summary.json").write_text(json.dumps(summary, indent=1))
         if metrics_path.is_file():
             (folder / "uptraining_metrics.jsonl").write_text(metrics_path.read_text())
-        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "-"  # noqa: E731
-        update_card_table(
-            folder, "uptraining", "Uptraining (bt-uptrain)",
-            ["recipe", "method", "tokens", "held-out ppl at step 0", "final held-out ppl", "source ppl", "hardware"],
-            [summary["recipe"], summary["method"], f"{summary['tokens']:,}", fmt(summary["step0_ppl"]),
-             fmt(summary["final_ppl"]), fmt(summary["source_ppl"]), summary["hardware"]],
-            key_columns=1,
-        )
+        add_uptrain_row(folder, summary)
 
     save_model_folder(model, tokenizer, out, overwrite=recipe.output.overwrite, finalize=finalize)
     logger.info("saved %s", out)

@@ -1,0 +1,104 @@
+"""Atomic writes: nothing appears at an output path until it is complete.
+
+Files and folders are written beside their target under a hidden temporary name and renamed into
+place, so a crash, a full disk or Ctrl-C never leaves half a file or half a model folder behind, and a
+folder being replaced stays readable until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from ..errors import BlockTransformerError
+
+
+class ExportError(BlockTransformerError):
+    """An output that may not be written, or a folder that is not a complete Block Transformer folder."""
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any work when the output exists and may not be replaced."""
+    if out.exists() and not overwrite:
+        raise ExportError(f"output {out} already exists: pass --overwrite to replace it, or pick another -o.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} exists and is not a folder: remove it or pick another -o.")
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Yield a temporary file beside ``path`` open in ``mode``; on success it replaces ``path``.
+
+    A replaced file keeps its permissions; a new one gets the usual umask modes (not mkstemp's 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keep_mode = path.stat().st_mode & 0o777 if path.exists() else None
+    f = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    tmp = Path(f.name)
+    try:
+        with f:
+            yield f
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.chmod(keep_mode if keep_mode is not None else 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: readers see the old file or the new one, never half of it."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it is deleted."""
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _default_permissions(tmp)
+    replace_folder(tmp, out)
+
+
+def replace_folder(complete: Path, out: Path) -> None:
+    """Rename the finished folder ``complete`` to ``out``, replacing any folder there.
+
+    The old folder is first renamed aside, so ``out`` is never missing while both exist on disk.
+    For writers that cannot use :func:`atomic_folder` because several processes fill one folder whose
+    name they all know (accelerate checkpoints).
+    """
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{complete.name.rsplit('-', 1)[-1]}")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        complete.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        complete.rename(out)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp and some writers create private files; the finished folder gets the usual umask modes."""
+    umask = _umask()
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

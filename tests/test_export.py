@@ -1,0 +1,63 @@
+"""The atomic-write helpers every writer shares, and the card tables' one owner."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from block_transformer import export
+
+
+def test_write_text_atomic_replaces_whole_and_keeps_the_mode(tmp_path):
+    path = tmp_path / "sub" / "report.json"
+    export.write_text_atomic(path, "first")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "first" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    path.chmod(0o600)
+    export.write_text_atomic(path, "second")
+    assert path.read_text() == "second" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.json"]
+
+
+def test_a_failed_atomic_file_leaves_the_old_one(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), export.atomic_file(path, "wb") as f:
+        f.write(b"half")
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+def test_atomic_folder_and_replace_folder(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), export.atomic_folder(out) as tmp:
+        (tmp / "a").write_text("a")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with export.atomic_folder(out) as tmp:
+        (tmp / "a").write_text("a")
+    with pytest.raises(export.ExportError, match="--overwrite"):
+        with export.atomic_folder(out):
+            pass
+    complete = tmp_path / ".out.tmp"
+    complete.mkdir()
+    (complete / "b").write_text("b")
+    export.replace_folder(complete, out)
+    assert sorted(p.name for p in out.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_card_tables_replace_the_row_of_the_same_key(tmp_path):
+    (tmp_path / export.CARD).write_text("---\nlibrary_name: transformers\n---\n\n# m\n\n## Usage\n\nload it\n")
+    summary = {"recipe": "r.yaml", "method": "CE x1", "tokens": 1000, "step0_ppl": 50.0, "final_ppl": 9.0,
+               "source_ppl": None, "hardware": "cpu"}
+    export.add_uptrain_row(tmp_path, summary)
+    export.add_uptrain_row(tmp_path, {**summary, "final_ppl": 8.0})
+    export.add_uptrain_row(tmp_path, {**summary, "recipe": "other.yaml"})
+    text = (tmp_path / export.CARD).read_text()
+    assert text.count("### " + export.UPTRAIN_TABLE.title) == 1 and "## Measured results" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "recipe" not in line]
+    assert rows == ["| r.yaml | CE x1 | 1,000 | 50 | 8 | - | cpu |", "| other.yaml | CE x1 | 1,000 | 50 | 9 | - | cpu |"]
+    assert text.index("## Measured results") < text.index("## Usage")
