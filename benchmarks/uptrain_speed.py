@@ -23,21 +23,13 @@ from pathlib import Path
 import torch
 
 from block_transformer.convert import resolve_source
+from block_transformer.export import write_text_atomic
 from block_transformer.measure.evaluation import hardware
 from block_transformer.modeling import BlockTransformerForCausalLM
 from block_transformer.uptrain import load_recipe
-from block_transformer.uptrain.build import decoder_layers, family_of
-from block_transformer.uptrain.loop import _losses
+from block_transformer.uptrain.losses import RecoveryLoss
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-pydocs.yaml"
-
-
-class _NoAccelerator:
-    """What ``_losses`` needs from accelerate on one CPU process."""
-
-    @staticmethod
-    def autocast():
-        return torch.autocast("cpu", enabled=False)
 
 
 def main() -> None:
@@ -59,16 +51,13 @@ def main() -> None:
     source = resolve_source(args.source).load_model(torch.float32).train()
     teacher = resolve_source(args.source).load_model(torch.float32).eval().requires_grad_(False)
     recipe = load_recipe(RECIPE, [f"model.path={args.model}", "model.source=null"])
-    family = family_of(bt)
-    layers = range(1, bt.config.token_decoder_config.num_hidden_layers + 1)
-    split_at = bt.config.block_decoder_config.num_hidden_layers
-    student_layers = {j: decoder_layers(bt.token_decoder, family)[j - 1] for j in layers}
-    teacher_layers = {j: decoder_layers(teacher.base_model, family)[split_at + j - 1] for j in layers}
+    # the recipe's loss weights, with every token-decoder layer aligned (the most expensive setting)
+    recovery = RecoveryLoss(recipe.distill, bt, teacher,
+                            hidden_layers=range(1, bt.config.token_decoder_config.num_hidden_layers + 1))
 
     torch.manual_seed(0)
     ids = torch.randint(100, bt.config.vocab_size, (args.batch_size, args.seq_len))
-    items = torch.tensor(float(args.batch_size * (args.seq_len - 1)))
-    align_items = items * len(layers)
+    items, align_items = recovery.normalisers(ids)
     optimizers = {
         "source": torch.optim.AdamW(source.parameters(), lr=1e-5),
         "bt_ce": torch.optim.AdamW(bt.parameters(), lr=1e-5),
@@ -82,8 +71,7 @@ def main() -> None:
         elif kind == "bt_ce":
             loss = bt(input_ids=ids, labels=ids, use_cache=False).loss
         else:
-            loss = _losses(bt, teacher, ids, ids, recipe, student_layers, teacher_layers, items, align_items,
-                           bt.config.block_len, bt.config.num_prefix_tokens, _NoAccelerator())[0]
+            loss = recovery(bt, ids, ids, items, align_items).total
         loss.backward()
         optimizers[kind].step()
         optimizers[kind].zero_grad(set_to_none=True)
@@ -119,8 +107,7 @@ def main() -> None:
         print(f"{kind:>11}: {figures[kind]['tokens_per_s']:7.1f} tokens/s (median step {figures[kind]['median_step_s']:.2f} s)")
     print(f"BT CE step vs source fine-tuning: {report['ratio_bt_ce_vs_source']:.2f}x "
           f"(layer-count ceiling {ceiling:.2f}x); with teacher (KL + hidden): {report['ratio_bt_distill_vs_source']:.2f}x")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    write_text_atomic(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

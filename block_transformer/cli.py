@@ -136,7 +136,8 @@ def uptrain_cmd(recipe, overrides, resume, dry_run, verbose):
     Writes checkpoints to checkpoint.dir and the final model folder (safetensors) to output.dir.
     """
     from .uptrain import load_recipe
-    from .uptrain.loop import plan, uptrain
+    from .uptrain.loop import uptrain
+    from .uptrain.preflight import plan
 
     _setup_logging(verbose)
     parsed = load_recipe(recipe, list(overrides))

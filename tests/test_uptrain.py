@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,9 +17,10 @@ from transformers import AutoModelForCausalLM
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
 from block_transformer.uptrain import checkpoint, loop
-from block_transformer.uptrain.build import apply_lora
+from block_transformer.uptrain.build import apply_lora, exportable_model
 from block_transformer.uptrain.data import IGNORE, load_local, pack
-from block_transformer.uptrain.loop import TrainingError, uptrain
+from block_transformer.uptrain.losses import RecoveryLoss
+from block_transformer.uptrain.loop import TrainingError, save_uptrained, uptrain
 from conftest import VOCAB, tiny_recipe, tiny_source, tiny_tokenizer
 
 
@@ -94,17 +96,17 @@ def test_checkpoints_keep_last_and_refuse_a_fresh_start_over_them(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 8, "checkpoint.every": 2})
-    real = loop._losses
+    real = RecoveryLoss.__call__
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
+    def poisoned(self, *args, **kwargs):
         calls["n"] += 1
-        parts = real(*args, **kwargs)
+        losses = real(self, *args, **kwargs)
         if calls["n"] > 2 * 5:  # two micro-batches per step: step 6 goes bad
-            parts[0] = parts[0] * float("nan")
-        return parts
+            losses = dataclasses.replace(losses, total=losses.total * float("nan"))
+        return losses
 
-    monkeypatch.setattr(loop, "_losses", poisoned)
+    monkeypatch.setattr(RecoveryLoss, "__call__", poisoned)
     with pytest.raises(TrainingError, match=r"at step 6.*step-0000004"):
         uptrain(recipe)
     assert checkpoint.checkpoints(recipe.checkpoint_dir)[-1].name == "step-0000004"
@@ -157,12 +159,40 @@ def test_lora_merged_export_matches_the_unmerged_model(tmp_path):
     ids = torch.randint(1, VOCAB, (2, 13))
     with torch.no_grad():
         expected = wrapped(input_ids=ids).logits
-    merged = loop._exportable(plain.config, wrapped.state_dict(), recipe)
-    loop._export(merged, tiny_tokenizer(), tmp_path / "merged", recipe, {"recipe": "t", "method": "m", "tokens": 0,
-                 "step0_ppl": None, "final_ppl": None, "source_ppl": None, "hardware": "cpu"}, tmp_path / "none")
+    merged = exportable_model(plain.config, wrapped.state_dict(), recipe)
+    save_uptrained(merged, tiny_tokenizer(), tmp_path / "merged", recipe, {"recipe": "t", "method": "m", "tokens": 0,
+                   "step0_ppl": None, "final_ppl": None, "source_ppl": None, "hardware": "cpu"}, tmp_path / "none")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_recovery_loss_names_its_terms_and_normalises_by_global_counts():
+    """The loss the loop, the speed benchmark and these tests share."""
+    from block_transformer.uptrain.recipe import DistillSection
+
+    source = tiny_source("llama")
+    student = convert_model(source, Split(2, 2), 4, separator_id=0)
+    ids = torch.randint(1, VOCAB, (2, 16))
+    labels = ids.clone()
+    labels[0, 6:8] = IGNORE  # block-alignment padding: never a target
+    distill = DistillSection(kl_weight=0.5, hidden_weight=2.0, temperature=2.0)
+    loss = RecoveryLoss(distill, student, source, hidden_layers=[1, 2])
+    ce_items, align_items = loss.normalisers(labels)
+    assert int(ce_items) == 2 * 15 - 2 and int(align_items) == (2 * 14 - 2) * 2
+    with torch.no_grad():
+        terms = loss(student, ids, labels, ce_items, align_items)
+    assert float(terms.kl) > 0 and float(terms.hidden) > 0
+    torch.testing.assert_close(terms.total, terms.ce + 0.5 * terms.kl + 2.0 * terms.hidden)
+    assert terms.stacked().tolist() == [float(t) for t in (terms.total, terms.ce, terms.kl, terms.hidden)]
+
+    ce_only = RecoveryLoss(DistillSection(), student, None, hidden_layers=[])
+    with torch.no_grad():
+        plain = ce_only(student, ids, labels, *ce_only.normalisers(labels))
+        expected = student(input_ids=ids, labels=labels, use_cache=False).loss
+    assert float(plain.kl) == 0 and float(plain.hidden) == 0
+    torch.testing.assert_close(plain.total, expected)
+    torch.testing.assert_close(plain.ce, terms.ce)
 
 
 def test_block_aligned_packing():

@@ -9,6 +9,8 @@ import yaml
 from click.testing import CliRunner
 
 from block_transformer.cli import uptrain_cmd
+from block_transformer.convert.sources import Source
+from block_transformer.modeling import BlockTransformerForCausalLM
 from block_transformer.uptrain import RecipeError, load_recipe
 from conftest import TINY_RECIPE, assert_one_line_error, learnable_corpus, save_source
 
@@ -45,6 +47,8 @@ def run(*args):
     (["train.mixed_precision=fp8"], ["train.mixed_precision", "'auto', 'no', 'bf16' or 'fp16'"]),
     (["train.batch_size=3"], ["train.batch_size 3 must be a multiple of train.micro_batch_size (2)"]),
     (["data.separator=<nope>"], ["data.separator '<nope>' is not a token"]),
+    (["model.init=zero"], ["model.init", "'sink' or 'reference'"]),
+    (["distill.hidden_weight=1", "distill.hidden_layers=[3]"], ["distill.hidden_layers [3] out of range", "1..2"]),
     (["lr=1"], ["unknown key lr", "did you mean"]),
     (["train.lr"], ["use --set section.key=value"]),
 ])
@@ -54,6 +58,22 @@ def test_bad_recipes_fail_before_work(recipe_file, tmp_path, sets, fragments):
         args += ["--set", item]
     assert_one_line_error(run(*args), *fragments)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "data.separator=<nope>"], "data.separator '<nope>' is not a token"),
+    (["--set", "model.separator=<nope>"], "none of the separator tokens ['<nope>']"),
+    (["--set", "distill.hidden_weight=1", "--set", "distill.hidden_layers=[3]"], "distill.hidden_layers [3] out of range"),
+    (["--set", "model.split=3/2"], "split"),
+    (["--resume"], "no checkpoint to resume from"),
+])
+def test_what_needs_no_weights_is_checked_before_any_weights_load(recipe_file, monkeypatch, args, fragment):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the recipe was checked")
+
+    monkeypatch.setattr(Source, "load_model", no_weights)
+    monkeypatch.setattr(BlockTransformerForCausalLM, "from_pretrained", no_weights)
+    assert_one_line_error(run(recipe_file, *args), fragment)
 
 
 def test_missing_data_and_model_files(recipe_file, tmp_path):

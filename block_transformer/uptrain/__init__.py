@@ -1,4 +1,5 @@
-"""Uptraining: YAML recipes (schema), data packing, the accelerate loop, recovery losses, checkpoints."""
+"""Uptraining: YAML recipes (schema), checks before any weights load, data packing, the accelerate loop,
+the recovery loss, checkpoints."""
 
 from .recipe import Recipe, RecipeError, load_recipe
 

@@ -1,20 +1,24 @@
-"""Everything a run needs before its first step: model, tokenizer, teacher, LoRA, optimizer groups, schedule."""
+"""The model side of a run: model and teacher loading, LoRA, optimizer groups, schedule, and the model exported."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from ..convert.families import Family, family_for
-from ..convert.sources import Source, resolve_source
+from ..convert.sources import Source
 from ..errors import BlockTransformerError
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
 from .recipe import Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from .preflight import Blueprint
 
 logger = logging.getLogger(__name__)
 
@@ -30,56 +34,19 @@ def is_norm(name: str, param: torch.Tensor) -> bool:
     return param.ndim == 1 and ("norm" in name or ".ln_" in name or "layernorm" in name)
 
 
-@dataclass
-class Built:
-    model: nn.Module  # BlockTransformerForCausalLM, or its peft wrapper
-    tokenizer: object
-    source: Source | None  # the teacher / reference model's source, when known
-    separator_id: int
-    family: Family
-
-
-def load_model(recipe: Recipe) -> tuple[BlockTransformerForCausalLM, object, Source | None]:
-    """The model to train (fp32 master weights), its tokenizer, and the source it came from if known."""
+def load_model(recipe: Recipe, blueprint: Blueprint) -> tuple[BlockTransformerForCausalLM, PreTrainedTokenizerBase]:
+    """The model to train (fp32 master weights) and its tokenizer: a converted folder, or a source converted now."""
     m = recipe.model
     if m.path is not None:
-        path = Path(m.path).expanduser()
-        if not (path / "config.json").is_file():
-            raise RecipeError(f"model.path {m.path} is not a converted model folder (no config.json): run bt-convert first.")
-        model = BlockTransformerForCausalLM.from_pretrained(path, dtype=torch.float32)
-        from transformers import AutoTokenizer
+        model = BlockTransformerForCausalLM.from_pretrained(Path(m.path).expanduser(), dtype=torch.float32)
+        return model, blueprint.tokenizer
+    from ..convert import convert
 
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-        return model, tokenizer, teacher_source(recipe, model.config)
-    from ..convert import Split, convert
-
-    split = Split.parse(m.split) if m.split else None
-    source = resolve_source(m.source, revision=m.revision)
-    if split is None:
-        layers = source.config.num_hidden_layers
-        split = Split(layers // 2, layers - layers // 2)
-    model, tokenizer, source = convert(
-        m.source, split, m.block_len, m.num_prefix_tokens, init=m.init, dtype=torch.float32,
+    model, tokenizer, _ = convert(
+        m.source, blueprint.split, m.block_len, m.num_prefix_tokens, init=m.init, dtype=torch.float32,
         revision=m.revision, separator=m.separator,
     )
-    if recipe.distill.teacher:
-        source = resolve_source(recipe.distill.teacher)
-    return model.train(), tokenizer, source
-
-
-def teacher_source(recipe: Recipe, config: BlockTransformerConfig) -> Source | None:
-    """The source model of a converted folder: ``distill.teacher``, or the hub id recorded at conversion."""
-    if recipe.distill.teacher:
-        return resolve_source(recipe.distill.teacher)
-    conversion = config.conversion or {}
-    if conversion.get("source_kind") == "hub":
-        return resolve_source(conversion["source"], revision=conversion.get("revision"))
-    if recipe.distill.needs_teacher:
-        raise RecipeError(
-            f"the teacher (the source of {recipe.model.path}, a {conversion.get('source_kind', 'unknown')} "
-            f"{conversion.get('source', '')!r}) cannot be found from the folder: set distill.teacher to its path."
-        )
-    return None
+    return model.train(), tokenizer
 
 
 def load_teacher(source: Source) -> nn.Module:
@@ -110,6 +77,21 @@ def apply_lora(model: BlockTransformerForCausalLM, recipe: Recipe) -> nn.Module:
         if is_new(name) or is_norm(name, param):
             param.requires_grad_(True)
     return wrapped
+
+
+def exportable_model(config: BlockTransformerConfig, full_state: dict, recipe: Recipe) -> BlockTransformerForCausalLM:
+    """The trained weights in a fresh plain BlockTransformerForCausalLM (LoRA merged into the base weights).
+
+    ``full_state`` comes from ``accelerator.get_state_dict``, which gathers FSDP / DeepSpeed shards.
+    """
+    model = BlockTransformerForCausalLM(config)
+    if recipe.lora.enabled:
+        model = apply_lora(model, recipe)
+    model.load_state_dict(full_state)
+    if recipe.lora.enabled:
+        model = model.merge_and_unload()
+    dtype = recipe.output.dtype
+    return (model.to(getattr(torch, dtype)) if dtype else model).eval()
 
 
 def base_name(name: str) -> str:

@@ -192,13 +192,22 @@ class StreamingData:
         return Batch(ids, ids.masked_fill(~mask, IGNORE))
 
 
-def explicit_eval_ids(data: DataSection, tokenizer, separator_id: int, max_tokens: int) -> tuple[torch.Tensor, str]:
-    """The first ``max_tokens`` tokens of ``data.eval`` (required when the training data is streamed)."""
-    if data.eval is None:
+def is_streamed(data: DataSection) -> bool:
+    """``data.streaming``; by default hub datasets stream and local files are read whole."""
+    return data.streaming if data.streaming is not None else DataSpec.parse(data.train).kind != "local"
+
+
+def require_heldout_source(data: DataSection) -> None:
+    """Streamed training data has no held-out tail: it needs an explicit ``data.eval``."""
+    if is_streamed(data) and data.eval is None:
         raise RecipeError(
             f"data.train {data.train} is streamed, so it has no held-out tail: set data.eval to a held-out split "
             "(e.g. the dataset's validation or test split)."
         )
+
+
+def explicit_eval_ids(data: DataSection, tokenizer, separator_id: int, max_tokens: int) -> tuple[torch.Tensor, str]:
+    """The first ``max_tokens`` tokens of ``data.eval`` (set whenever the training data is streamed)."""
     spec = DataSpec.parse(data.eval, data.text_field)
     spec.check_available()
     corpus = tokenize_corpus(tokenizer, first_documents(spec, tokenizer, max_tokens), separator_id)

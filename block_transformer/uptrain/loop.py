@@ -1,4 +1,9 @@
-"""The uptraining loop: plain, on accelerate, readable top to bottom.
+"""The uptraining recipe: a plain loop on accelerate, readable top to bottom.
+
+:func:`uptrain` is the whole run. :func:`setup` checks everything that needs no weights, then builds
+one :class:`Run` (model, teacher, data, optimizer, scheduler, accelerator, state); each step is
+:func:`train_step`, with :func:`evaluate` and :func:`save_checkpoint` on their schedules; :func:`export`
+writes the model folder at the end.
 
 ``accelerate launch`` (or torchrun) decides the hardware: one CPU, one GPU, DDP, FSDP, DeepSpeed.
 Every process builds the same global batch for a step and trains on its own slice of it, so losses
@@ -9,63 +14,314 @@ processes. Only the main process writes files.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from .. import __version__
+from ..convert.sources import Source
 from ..errors import BlockTransformerError
-from ..export import add_uptrain_row, check_output, save_model_folder, write_text_atomic
+from ..export import add_uptrain_row, save_model_folder, write_text_atomic
 from ..measure.evaluation import hardware
 from ..measure.perplexity import score
+from ..modeling import BlockTransformerForCausalLM
 from . import checkpoint
-from .build import (
-    apply_lora,
-    count_parameters,
-    decoder_layers,
-    family_of,
-    load_model,
-    load_teacher,
-    lr_lambdas,
-    parameter_groups,
-)
-from .data import Batch, LocalData, StreamingData, explicit_eval_ids, load_local
-from .losses import alignment_mask, alignment_sum, capture_outputs, kl_sum, scored_targets, token_decoder_states
-from .recipe import Recipe, RecipeError
+from .build import apply_lora, count_parameters, exportable_model, load_model, load_teacher, lr_lambdas, parameter_groups
+from .data import Batch, LocalData, StreamingData, explicit_eval_ids, is_streamed, load_local
+from .losses import RecoveryLoss
+from .preflight import check_before_work, micro_batch_size, total_steps
+from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Run", "StepResult", "TrainerState", "TrainingError", "evaluate", "export", "save_checkpoint", "save_uptrained",
+           "setup", "train_step", "uptrain"]
+
 METRICS_FILE = "metrics.jsonl"
-_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+RECIPE_FILE = "uptraining_recipe.yaml"
+SUMMARY_FILE = "uptraining_summary.json"
+EXPORTED_METRICS_FILE = "uptraining_metrics.jsonl"
 
 
 class TrainingError(BlockTransformerError):
     """The run cannot go on (non-finite loss); the last good checkpoint is kept."""
 
 
-def total_steps(recipe: Recipe) -> int:
-    t = recipe.train
-    return t.max_steps or math.ceil(t.max_tokens / (t.batch_size * recipe.data.seq_len))
+@dataclass
+class TrainerState:
+    """What a checkpoint records beside accelerate's own state (``trainer_state.json``)."""
+
+    step: int = 0
+    tokens: int = 0
+    evals: list[dict] = field(default_factory=list)
+    reference: dict | None = None  # the source model scored on the held-out tokens: once per run
+    data: dict | None = None  # the streamed data's position
+    recipe: str = ""  # the recipe the run was started with; a resumed run warns when it differs
 
 
-def micro_batch_size(recipe: Recipe, world_size: int) -> int:
+@dataclass
+class Run:
+    """One uptraining run: built by :func:`setup`, advanced by :func:`train_step`."""
+
+    recipe: Recipe
+    recipe_name: str  # how the summary and the card name the recipe
+    accelerator: Accelerator
+    model: nn.Module  # what trains: peft-wrapped with LoRA, then prepared by accelerate (DDP, FSDP, ...)
+    plain: BlockTransformerForCausalLM  # the same model unwrapped: its config, layers and export
+    tokenizer: PreTrainedTokenizerBase
+    loss: RecoveryLoss  # holds the frozen teacher when a distillation term needs it
+    data: LocalData | StreamingData
+    eval_ids: torch.Tensor  # the held-out tokens every evaluation scores
+    eval_region: str  # where they come from, in words
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    state: TrainerState
+    total_steps: int
+    micro_batch_size: int  # sequences per process per forward
+    parameters: dict[str, int]
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.recipe.checkpoint_dir / METRICS_FILE
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.recipe.train.batch_size * self.recipe.data.seq_len
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step's loss terms (over the whole global batch) and gradient norm before clipping."""
+
+    loss: float
+    ce: float
+    kl: float
+    hidden: float
+    grad_norm: float | None
+
+
+def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe") -> Path:
+    """Run ``recipe`` (optionally resuming a checkpoint) and export the trained model folder."""
+    run = setup(recipe, resume, recipe_name)
+    if run.state.step == 0:
+        evaluate(run)
+    progress = tqdm(total=run.total_steps, initial=run.state.step, desc="uptrain", unit="step",
+                    disable=not run.accelerator.is_local_main_process)
+    window_time, window_tokens = 0.0, 0  # training time only: evals and checkpoints are not in tokens/s
+    run.model.train()
+    while run.state.step < run.total_steps:
+        started = time.perf_counter()
+        result = train_step(run, next_batch(run))
+        window_time += time.perf_counter() - started
+        window_tokens += run.tokens_per_step
+        progress.update(1)
+        step = run.state.step
+        if step % recipe.train.log_every == 0 or step == run.total_steps:
+            record = log_step(run, result, tokens_per_s=window_tokens / window_time)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window_time, window_tokens = 0.0, 0
+        if _due(recipe.eval.every, run):
+            evaluate(run)
+        if _due(recipe.checkpoint.every, run):
+            save_checkpoint(run)
+    progress.close()
+    if not run.state.evals or run.state.evals[-1]["step"] != run.state.step:
+        evaluate(run)
+    out = export(run)
+    if recipe.train.report_to:
+        run.accelerator.end_training()
+    return out
+
+
+def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe") -> Run:
+    """Check everything that needs no weights, then load and build the run: fresh, or restored from ``resume``."""
+    blueprint = check_before_work(recipe, resume)
+    accelerator = Accelerator(
+        # several processes without a GPU (torchrun on CPU): accelerate only sets up gloo when told "cpu"
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        mixed_precision=mixed_precision(recipe),
+        log_with=list(recipe.train.report_to) or None,
+        project_dir=str(recipe.checkpoint_dir),
+    )
+    set_seed(recipe.train.seed)
+    micro = micro_batch_size(recipe, accelerator.num_processes)
+    # set before prepare(): DeepSpeed reads it into its config and steps on its own boundaries
+    accelerator.gradient_accumulation_steps = recipe.train.batch_size // (micro * accelerator.num_processes)
+    steps = total_steps(recipe)
+
+    plain, tokenizer = load_model(recipe, blueprint)
+    block_len = plain.config.block_len
+    data, eval_ids, eval_region = _load_data(recipe, tokenizer, blueprint.separator_id, block_len)
+    resume_path = blueprint.resume_path
+    # the source is scored once per run: a resumed run reuses the checkpoint's figure
+    reference = checkpoint.read_state(resume_path).get("reference") if resume_path else None
+    teacher, reference = _teacher_and_reference(recipe, blueprint.teacher, reference, eval_ids, block_len,
+                                                accelerator.device)
+
+    model = _trainable(plain, recipe)
+    parameters = count_parameters(model)
+    logger.info("parameters: %s", ", ".join(f"{k} {v:,}" for k, v in parameters.items()))
+    groups = parameter_groups(model, recipe)
     t = recipe.train
-    micro = t.micro_batch_size or t.batch_size // world_size
-    if micro == 0 or t.batch_size % (micro * world_size):
-        raise RecipeError(
-            f"train.batch_size {t.batch_size} must be a multiple of train.micro_batch_size ({micro}) x "
-            f"{world_size} processes: change one of them."
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, recipe, steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    run = Run(
+        recipe=recipe, recipe_name=recipe_name, accelerator=accelerator, model=model, plain=plain,
+        tokenizer=tokenizer, loss=RecoveryLoss(recipe.distill, plain, teacher, blueprint.hidden_layers),
+        data=data, eval_ids=eval_ids, eval_region=eval_region, optimizer=optimizer, scheduler=scheduler,
+        state=TrainerState(reference=reference, recipe=recipe.to_yaml()), total_steps=steps,
+        micro_batch_size=micro, parameters=parameters,
+    )
+    if resume_path is not None:
+        _restore(run, resume_path)
+    _open_metrics(run)
+    return run
+
+
+def next_batch(run: Run) -> Batch:
+    """The global batch of the next step (every process builds the same one)."""
+    t = run.recipe.train
+    if isinstance(run.data, LocalData):
+        return run.data.batch_for_step(run.state.step, t.batch_size, t.seed)
+    return run.data.next_sequences(t.batch_size)
+
+
+def train_step(run: Run, batch: Batch) -> StepResult:
+    """One optimizer step on the global ``batch``: this process's slice, in micro-batches, then the update.
+
+    Raises :class:`TrainingError`, without applying the update, when the loss or the gradient norm is
+    not finite.
+    """
+    accelerator, world = run.accelerator, run.accelerator.num_processes
+    ce_items, align_items = run.loss.normalisers(batch.labels)
+    per_rank = batch.input_ids.shape[0] // world
+    rows = slice(accelerator.process_index * per_rank, (accelerator.process_index + 1) * per_rank)
+    mine = Batch(batch.input_ids[rows], batch.labels[rows]).to(accelerator.device)
+    chunks = list(zip(mine.input_ids.split(run.micro_batch_size), mine.labels.split(run.micro_batch_size)))
+    sums = torch.zeros(4, device=accelerator.device)  # total, ce, kl, hidden (each already normalised)
+    for input_ids, labels in chunks:
+        with accelerator.accumulate(run.model):  # gradients are synchronised on the last micro-batch only
+            losses = run.loss(run.model, input_ids, labels, ce_items / world, align_items / world,
+                              autocast=accelerator.autocast)
+            # losses are already normalised by the step's global counts: undo backward()'s 1/accumulation
+            accelerator.backward(losses.total * len(chunks))
+        sums += losses.stacked()
+    sums = accelerator.reduce(sums, reduction="sum")
+    max_norm = run.recipe.train.max_grad_norm
+    grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm) if max_norm else None
+    if not bool(torch.isfinite(sums).all()) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+        kept = checkpoint.checkpoints(run.recipe.checkpoint_dir)
+        raise TrainingError(
+            f"the loss became {float(sums[0]):.4g} (gradient norm {float(grad_norm or 0):.4g}) at step "
+            f"{run.state.step + 1}: stopped without applying it. Last good checkpoint: {kept[-1] if kept else 'none'}. "
+            "Lower train.lr, keep train.max_grad_norm set, or use train.mixed_precision=bf16 instead of fp16."
         )
-    return micro
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.state.tokens += run.tokens_per_step
+    total, ce, kl, hidden = (float(x) for x in sums)
+    return StepResult(total, ce, kl, hidden, grad_norm=float(grad_norm) if grad_norm is not None else None)
+
+
+def log_step(run: Run, result: StepResult, tokens_per_s: float) -> dict:
+    """Record the step just taken in the metrics file and the trackers."""
+    step = run.state.step
+    record = {"step": step, "tokens": run.state.tokens, "loss": result.loss, "ce": result.ce, "kl": result.kl,
+              "hidden": result.hidden, "lr": run.recipe.train.lr * run.scheduler.lr_lambdas[-1](step - 1),
+              "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s}
+    _log(run, record)
+    return record
+
+
+def evaluate(run: Run) -> dict:
+    """Held-out perplexity of the model now: kept in the state (so in checkpoints) and in the metrics."""
+    result = _score(run.model, run.eval_ids, run.recipe, run.plain.config.block_len, "held-out")
+    state = run.state
+    record = {"step": state.step, "tokens": state.tokens, "eval_loss": result["loss"],
+              "eval_ppl": result["perplexity"], "eval_loss_by_block_position": result["loss_by_block_position"]}
+    state.evals.append(record)
+    _log(run, record)
+    logger.info("step %d, %s tokens: held-out perplexity %.4g", state.step, f"{state.tokens:,}", result["perplexity"])
+    return record
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Model, optimizer, scheduler, RNG and the trainer state (with the data position), written atomically."""
+    if isinstance(run.data, StreamingData):
+        run.state.data = run.data.state_dict()
+    recipe = run.recipe
+    return checkpoint.save(run.accelerator, recipe.checkpoint_dir, run.state.step, asdict(run.state),
+                           recipe.checkpoint.keep_last)
+
+
+def export(run: Run) -> Path:
+    """Gather the trained weights and write the model folder (pushed to the hub if the recipe says so)."""
+    recipe, accelerator = run.recipe, run.accelerator
+    replicas = _check_replicas_agree(accelerator, run.model)
+    out = Path(recipe.output.dir).expanduser()
+    full_state = accelerator.get_state_dict(run.model)
+    if accelerator.is_main_process:
+        model = exportable_model(run.plain.config, full_state, recipe)
+        save_uptrained(model, run.tokenizer, out, recipe, summary(run, replicas), run.metrics_path)
+        if recipe.output.push_to_hub:
+            from ..hub import push_folder
+
+            logger.info("pushed: %s", push_folder(out, recipe.output.push_to_hub, private=recipe.output.private))
+    accelerator.wait_for_everyone()
+    return out
+
+
+def save_uptrained(model: BlockTransformerForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path, recipe: Recipe, summary: dict,
+                   metrics_path: Path) -> Path:
+    """The model folder, plus how it was made: recipe, summary, metrics, and a row in the card's uptraining table."""
+    def finalize(folder: Path) -> None:
+        (folder / RECIPE_FILE).write_text(recipe.to_yaml())
+        (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+        if metrics_path.is_file():
+            shutil.copyfile(metrics_path, folder / EXPORTED_METRICS_FILE)
+        add_uptrain_row(folder, summary)
+
+    save_model_folder(model, tokenizer, out, overwrite=recipe.output.overwrite, finalize=finalize)
+    logger.info("saved %s", out)
+    return out
+
+
+def summary(run: Run, replicas_checked: int) -> dict:
+    """``uptraining_summary.json``: what was trained, how far, the figures, and on what."""
+    state, evals = run.state, run.state.evals
+    return {
+        "recipe": run.recipe_name,
+        "method": _method(run.recipe),
+        "steps": state.step,
+        "tokens": state.tokens,
+        "eval_region": run.eval_region,
+        "step0_ppl": evals[0]["eval_ppl"] if evals and evals[0]["step"] == 0 else None,
+        "final_ppl": evals[-1]["eval_ppl"] if evals else None,
+        "source_ppl": (state.reference or {}).get("perplexity"),
+        "parameters": run.parameters,
+        "hardware": hardware(str(run.accelerator.device)),
+        "num_processes": run.accelerator.num_processes,
+        "replicas_checked": replicas_checked,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "block_transformer": __version__,
+    }
 
 
 def mixed_precision(recipe: Recipe) -> str:
@@ -75,239 +331,95 @@ def mixed_precision(recipe: Recipe) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def check_before_work(recipe: Recipe, resume: str | None) -> None:
-    """Everything cheap that could fail later: data paths, output folder, push credentials."""
-    from ..data_spec import DataSpec
-
-    DataSpec.parse(recipe.data.train, recipe.data.text_field)
-    if recipe.data.eval:
-        DataSpec.parse(recipe.data.eval, recipe.data.text_field)
-    if resume is None and not recipe.output.overwrite:
-        check_output(Path(recipe.output.dir).expanduser(), overwrite=False)
-    if resume is None and checkpoint.checkpoints(recipe.checkpoint_dir):
-        raise RecipeError(
-            f"{recipe.checkpoint_dir} already holds checkpoints of a run: pass --resume to continue it, "
-            "or set checkpoint.dir to a new folder."
-        )
-    for tracker in recipe.train.report_to:
-        if importlib.util.find_spec(_TRACKER_PACKAGES[tracker]) is None:
-            raise RecipeError(f"train.report_to lists {tracker}, which is not installed: pip install {tracker}.")
-    if recipe.output.push_to_hub:
-        from ..hub import check_push_possible, check_repo_id
-
-        check_repo_id(recipe.output.push_to_hub)
-        check_push_possible()
+# ----------------------------------------------------------------------------------------------------
+# Pieces of setup
+# ----------------------------------------------------------------------------------------------------
 
 
-def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe") -> Path:
-    """Run ``recipe`` (optionally resuming a checkpoint) and export the trained model folder."""
-    check_before_work(recipe, resume)
-    t, d = recipe.train, recipe.data
-    accelerator = Accelerator(
-        # several processes without a GPU (torchrun on CPU): accelerate only sets up gloo when told "cpu"
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        mixed_precision=mixed_precision(recipe),
-        log_with=list(t.report_to) or None,
-        project_dir=str(recipe.checkpoint_dir),
-    )
-    set_seed(t.seed)
-    micro = micro_batch_size(recipe, accelerator.num_processes)
-    # set before prepare(): DeepSpeed reads it into its config and steps on its own boundaries
-    accelerator.gradient_accumulation_steps = t.batch_size // (micro * accelerator.num_processes)
-    steps = total_steps(recipe)
-
-    # --- model, data, teacher ------------------------------------------------------------------------
-    model, tokenizer, source = load_model(recipe)
-    cfg = model.config
-    block_len, num_prefix = cfg.block_len, cfg.num_prefix_tokens
-    if d.seq_len % block_len:
-        raise RecipeError(f"data.seq_len {d.seq_len} is not a multiple of the model's block length {block_len}.")
-    family = family_of(model)
-    separator_id = _separator_id(recipe, tokenizer, cfg)
-    streaming = d.streaming if d.streaming is not None else not _is_local(d.train)
-    eval_seq_len = recipe.eval.seq_len or d.seq_len
-    if streaming:
-        data: LocalData | StreamingData = StreamingData(d, tokenizer, separator_id, block_len, t.seed)
+def _load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, separator_id: int, block_len: int) -> tuple[LocalData | StreamingData, torch.Tensor, str]:
+    """Training data, and the held-out tokens (at most ``eval.max_tokens``) with where they come from."""
+    d = recipe.data
+    if is_streamed(d):
+        data: LocalData | StreamingData = StreamingData(d, tokenizer, separator_id, block_len, recipe.train.seed)
         eval_ids, eval_region = explicit_eval_ids(d, tokenizer, separator_id, recipe.eval.max_tokens)
     else:
         data = load_local(d, tokenizer, separator_id, block_len, recipe.eval.max_tokens)
         eval_ids, eval_region = data.eval_ids, data.eval_region
-    eval_ids = eval_ids[: recipe.eval.max_tokens]
+    return data, eval_ids[: recipe.eval.max_tokens], eval_region
 
-    ckpt_root = recipe.checkpoint_dir
-    resume_path = checkpoint.resolve(resume, ckpt_root) if resume is not None else None
-    reference = checkpoint.read_state(resume_path).get("reference") if resume_path else None  # scored once per run
+
+def _teacher_and_reference(recipe: Recipe, source: Source | None, reference: dict | None, eval_ids: torch.Tensor, block_len: int,
+                           device: torch.device) -> tuple[nn.Module | None, dict | None]:
+    """The frozen source model when a distillation term needs it, and its held-out score (``reference``).
+
+    The source is loaded to score it even when no term needs it, then dropped.
+    """
     dist = recipe.distill
     wants_reference = recipe.eval.source_reference and reference is None
-    teacher = load_teacher(source).to(accelerator.device) if source is not None and (
-        dist.needs_teacher or wants_reference) else None
-    if dist.needs_teacher and teacher is None:
-        raise RecipeError("distillation needs a teacher: set distill.teacher to the source model.")
-    if teacher is not None and wants_reference:
-        reference = _evaluate(teacher, eval_ids, eval_seq_len, recipe, block_len, f"source: {source.name}")
-    if not dist.needs_teacher:
-        teacher = None
+    if source is None or not (dist.needs_teacher or wants_reference):
+        return None, reference
+    teacher = load_teacher(source).to(device)
+    if wants_reference:
+        reference = _score(teacher, eval_ids, recipe, block_len, f"source: {source.name}")
+    return (teacher if dist.needs_teacher else None), reference
 
-    if t.gradient_checkpointing:
+
+def _trainable(model: BlockTransformerForCausalLM, recipe: Recipe) -> nn.Module:
+    """Gradient checkpointing and LoRA, as the recipe asks."""
+    if recipe.train.gradient_checkpointing:
         model.block_decoder.gradient_checkpointing_enable()
         model.token_decoder.gradient_checkpointing_enable()
-    plain = model
-    if recipe.lora.enabled:
-        model = apply_lora(model, recipe)
-    params = count_parameters(model)
-    logger.info("parameters: %s", ", ".join(f"{k} {v:,}" for k, v in params.items()))
-
-    groups = parameter_groups(model, recipe)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, recipe, steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    hidden_layers = _hidden_layers(recipe, cfg.token_decoder_config.num_hidden_layers)
-    student_layers = {j: decoder_layers(plain.token_decoder, family)[j - 1] for j in hidden_layers}
-    teacher_layers = {}
-    if teacher is not None and hidden_layers:
-        split_at = cfg.block_decoder_config.num_hidden_layers
-        teacher_layers = {j: decoder_layers(teacher.base_model, family)[split_at + j - 1] for j in hidden_layers}
-
-    # --- state: fresh or resumed ---------------------------------------------------------------------
-    state = {"step": 0, "tokens": 0, "evals": [], "reference": reference, "data": None, "recipe": recipe.to_yaml()}
-    if resume_path is not None:
-        loaded = checkpoint.load(accelerator, resume_path)
-        _warn_recipe_changes(loaded.get("recipe"), recipe)
-        state.update({k: loaded[k] for k in ("step", "tokens", "evals", "data")})
-        if isinstance(data, StreamingData) and state["data"] is not None:
-            data.load_state_dict(state["data"])
-        logger.info("resumed from %s at step %d (%s tokens)", resume_path, state["step"], f"{state['tokens']:,}")
-    metrics_path = ckpt_root / METRICS_FILE
-    if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, state["step"])
-    if t.report_to:
-        accelerator.init_trackers("block-transformer", config=_flat(recipe.model_dump(mode="json")))
-
-    def log(record: dict) -> None:
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if t.report_to:
-            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-
-    def evaluate_now() -> None:
-        result = _evaluate(model, eval_ids, eval_seq_len, recipe, block_len, "held-out")
-        record = {"step": state["step"], "tokens": state["tokens"], "eval_loss": result["loss"],
-                  "eval_ppl": result["perplexity"], "eval_loss_by_block_position": result["loss_by_block_position"]}
-        state["evals"].append(record)
-        log(record)
-        logger.info("step %d, %s tokens: held-out perplexity %.4g", state["step"], f"{state['tokens']:,}",
-                    result["perplexity"])
-
-    if state["step"] == 0:
-        evaluate_now()
-
-    # --- the loop ------------------------------------------------------------------------------------
-    tokens_per_step = t.batch_size * d.seq_len
-    rank, world = accelerator.process_index, accelerator.num_processes
-    per_rank = t.batch_size // world
-    progress = tqdm(total=steps, initial=state["step"], desc="uptrain", unit="step",
-                    disable=not accelerator.is_local_main_process)
-    model.train()
-    window_time, window_tokens = 0.0, 0  # training time only: evals and checkpoints are not in tokens/s
-    while state["step"] < steps:
-        step = state["step"]
-        step_start = time.perf_counter()
-        batch = data.batch_for_step(step, t.batch_size, t.seed) if isinstance(data, LocalData) else \
-            data.next_sequences(t.batch_size)
-        ce_items = scored_targets(batch.labels).sum().clamp_min(1)
-        align_items = alignment_mask(batch.labels, block_len, dist.align_prefix).sum().clamp_min(1) * max(1, len(hidden_layers))
-        mine = Batch(batch.input_ids[rank * per_rank : (rank + 1) * per_rank],
-                     batch.labels[rank * per_rank : (rank + 1) * per_rank]).to(accelerator.device)
-        sums = torch.zeros(4, device=accelerator.device)  # total, ce, kl, hidden (each already normalised)
-        chunks = list(zip(mine.input_ids.split(micro), mine.labels.split(micro)))
-        for input_ids, labels in chunks:
-            with accelerator.accumulate(model):  # gradients are synchronised on the last micro-batch only
-                parts = _losses(model, teacher, input_ids, labels, recipe, student_layers, teacher_layers,
-                                ce_items / world, align_items / world, block_len, num_prefix, accelerator)
-                # losses are already normalised by the step's global counts: undo backward()'s 1/accumulation
-                accelerator.backward(parts[0] * len(chunks))
-            sums += torch.stack([p.detach().float() for p in parts])
-        sums = accelerator.reduce(sums, reduction="sum")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-        if not bool(torch.isfinite(sums).all()) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
-            kept = checkpoint.checkpoints(ckpt_root)
-            raise TrainingError(
-                f"the loss became {float(sums[0]):.4g} (gradient norm {float(grad_norm or 0):.4g}) at step {step + 1}: "
-                f"stopped without applying it. Last good checkpoint: {kept[-1] if kept else 'none'}. "
-                "Lower train.lr, keep train.max_grad_norm set, or use train.mixed_precision=bf16 instead of fp16."
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["tokens"] += tokens_per_step
-        window_tokens += tokens_per_step
-        window_time += time.perf_counter() - step_start
-        progress.update(1)
-
-        if state["step"] % t.log_every == 0 or state["step"] == steps:
-            record = {"step": state["step"], "tokens": state["tokens"], "loss": float(sums[0]), "ce": float(sums[1]),
-                      "kl": float(sums[2]), "hidden": float(sums[3]), "lr": t.lr * scheduler.lr_lambdas[-1](state["step"] - 1),
-                      "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                      "tokens_per_s": window_tokens / window_time}
-            log(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window_time, window_tokens = 0.0, 0
-        if recipe.eval.every and state["step"] % recipe.eval.every == 0 and state["step"] < steps:
-            evaluate_now()
-        if recipe.checkpoint.every and state["step"] % recipe.checkpoint.every == 0 and state["step"] < steps:
-            if isinstance(data, StreamingData):
-                state["data"] = data.state_dict()
-            checkpoint.save(accelerator, ckpt_root, state["step"], state, recipe.checkpoint.keep_last)
-    progress.close()
-    if not state["evals"] or state["evals"][-1]["step"] != state["step"]:
-        evaluate_now()
-
-    # --- export --------------------------------------------------------------------------------------
-    state["replicas_checked"] = _check_replicas_agree(accelerator, model)
-    out = Path(recipe.output.dir).expanduser()
-    full_state = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        final = _exportable(plain.config, full_state, recipe)
-        summary = _summary(recipe, recipe_name, state, params, eval_region, accelerator)
-        _export(final, tokenizer, out, recipe, summary, metrics_path)
-        if recipe.output.push_to_hub:
-            from ..hub import push_folder
-
-            logger.info("pushed: %s", push_folder(out, recipe.output.push_to_hub, private=recipe.output.private))
-    accelerator.wait_for_everyone()
-    if t.report_to:
-        accelerator.end_training()
-    return out
+    return apply_lora(model, recipe) if recipe.lora.enabled else model
 
 
-def _losses(model, teacher, input_ids, labels, recipe, student_layers, teacher_layers, ce_items, align_items,
-            block_len, num_prefix, accelerator) -> list[torch.Tensor]:
-    """[total, ce, kl, hidden] for one micro-batch, each normalised by the global count it averages over."""
-    dist = recipe.distill
-    zero = torch.zeros((), device=input_ids.device)
-    with capture_outputs(student_layers if teacher_layers else {}) as student_states:
-        out = model(input_ids=input_ids, labels=labels, num_items_in_batch=ce_items, use_cache=False)
-    ce, kl, hidden = out.loss, zero, zero
-    if teacher is not None:
-        with torch.no_grad(), accelerator.autocast(), capture_outputs(teacher_layers) as teacher_states:
-            teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
-        if dist.kl_weight:
-            scored = scored_targets(labels)
-            kl = kl_sum(out.logits[:, :-1], teacher_logits[:, :-1], scored, dist.temperature) / ce_items
-        for j, layer_out in student_states.items():
-            student = token_decoder_states(layer_out, input_ids.shape[0], input_ids.shape[1], block_len, num_prefix)
-            err = alignment_sum(student, teacher_states[j], labels, block_len, dist.align_prefix)
-            hidden = hidden + err / align_items
-    total = dist.ce_weight * ce + dist.kl_weight * kl + dist.hidden_weight * hidden
-    return [total, ce, kl, hidden]
+def _restore(run: Run, path: Path) -> None:
+    """Model, optimizer, scheduler and RNG in place, and the trainer state, from checkpoint ``path``."""
+    loaded = checkpoint.load(run.accelerator, path)
+    if loaded.get("recipe") and loaded["recipe"] != run.recipe.to_yaml():
+        logger.warning("the recipe differs from the one the checkpoint was made with: the run is not exact")
+    state = run.state
+    state.step, state.tokens, state.evals, state.data = (loaded[k] for k in ("step", "tokens", "evals", "data"))
+    if isinstance(run.data, StreamingData) and state.data is not None:
+        run.data.load_state_dict(state.data)
+    logger.info("resumed from %s at step %d (%s tokens)", path, state.step, f"{state.tokens:,}")
 
 
-def _check_replicas_agree(accelerator: Accelerator, model) -> int:
+def _open_metrics(run: Run) -> None:
+    """The metrics file (cut back to the resumed step: later records are about to be recomputed) and trackers."""
+    if run.accelerator.is_main_process:
+        run.recipe.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = run.metrics_path
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= run.state.step]
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+    if run.recipe.train.report_to:
+        run.accelerator.init_trackers("block-transformer", config=_flat(run.recipe.model_dump(mode="json")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _due(every: int, run: Run) -> bool:
+    """An intermediate evaluation or checkpoint is due now (the end of the run has its own)."""
+    return bool(every) and run.state.step % every == 0 and run.state.step < run.total_steps
+
+
+def _score(model: nn.Module, eval_ids: torch.Tensor, recipe: Recipe, block_len: int, desc: str) -> dict:
+    seq_len = recipe.eval.seq_len or recipe.data.seq_len
+    return score(model, eval_ids, seq_len, batch_size=recipe.eval.batch_size, block_len=block_len, desc=desc).to_dict()
+
+
+def _log(run: Run, record: dict) -> None:
+    if run.accelerator.is_main_process:
+        with run.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    if run.recipe.train.report_to:
+        run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+
+def _check_replicas_agree(accelerator: Accelerator, model: nn.Module) -> int:
     """Data-parallel replicas must end identical; returns how many were compared (1 = nothing to compare)."""
     from accelerate.utils import DistributedType
 
@@ -321,53 +433,6 @@ def _check_replicas_agree(accelerator: Accelerator, model) -> int:
     return int(digests.shape[0])
 
 
-def _evaluate(model, eval_ids, seq_len, recipe, block_len, desc) -> dict:
-    return score(model, eval_ids, seq_len, batch_size=recipe.eval.batch_size, block_len=block_len, desc=desc).to_dict()
-
-
-def _hidden_layers(recipe: Recipe, num_token_layers: int) -> list[int]:
-    dist = recipe.distill
-    if not dist.hidden_weight:
-        return []
-    layers = list(range(1, num_token_layers + 1)) if dist.hidden_layers == "all" else list(dist.hidden_layers)
-    bad = [j for j in layers if not 1 <= j <= num_token_layers]
-    if bad:
-        raise RecipeError(f"distill.hidden_layers {bad} out of range: the token decoder has layers 1..{num_token_layers}.")
-    return layers
-
-
-def _separator_id(recipe: Recipe, tokenizer, cfg) -> int:
-    token = recipe.data.separator
-    if token is None:
-        recorded = (cfg.conversion or {}).get("separator_id")
-        if recorded is None:
-            raise RecipeError("the model records no document separator: set data.separator to a token.")
-        return int(recorded)
-    token_id = tokenizer.get_vocab().get(token)
-    if token_id is None:
-        raise RecipeError(f"data.separator {token!r} is not a token of the model's tokenizer.")
-    return int(token_id)
-
-
-def _is_local(spec: str) -> bool:
-    from ..data_spec import DataSpec
-
-    return DataSpec.parse(spec).kind == "local"
-
-
-def _warn_recipe_changes(saved: str | None, recipe: Recipe) -> None:
-    if saved and saved != recipe.to_yaml():
-        logger.warning("the recipe differs from the one the checkpoint was made with: the run is not exact")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records past the checkpoint (they are about to be recomputed)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
 def _flat(tree: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in tree.items():
@@ -377,43 +442,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
-
-
-def _exportable(config, full_state: dict, recipe: Recipe):
-    """The trained weights in a fresh plain BlockTransformerForCausalLM (LoRA merged into the base weights).
-
-    ``full_state`` comes from ``accelerator.get_state_dict``, which gathers FSDP / DeepSpeed shards.
-    """
-    from ..modeling import BlockTransformerForCausalLM
-
-    model = BlockTransformerForCausalLM(config)
-    if recipe.lora.enabled:
-        model = apply_lora(model, recipe)
-    model.load_state_dict(full_state)
-    if recipe.lora.enabled:
-        model = model.merge_and_unload()
-    dtype = recipe.output.dtype
-    return (model.to(getattr(torch, dtype)) if dtype else model).eval()
-
-
-def _summary(recipe, recipe_name, state, params, eval_region, accelerator) -> dict:
-    evals = state["evals"]
-    return {
-        "recipe": recipe_name,
-        "method": _method(recipe),
-        "steps": state["step"],
-        "tokens": state["tokens"],
-        "eval_region": eval_region,
-        "step0_ppl": evals[0]["eval_ppl"] if evals and evals[0]["step"] == 0 else None,
-        "final_ppl": evals[-1]["eval_ppl"] if evals else None,
-        "source_ppl": (state["reference"] or {}).get("perplexity"),
-        "parameters": params,
-        "hardware": hardware(str(accelerator.device)),
-        "num_processes": accelerator.num_processes,
-        "replicas_checked": state["replicas_checked"],
-        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "block_transformer": __version__,
-    }
 
 
 def _method(recipe: Recipe) -> str:
@@ -426,51 +454,3 @@ def _method(recipe: Recipe) -> str:
     if recipe.lora.enabled:
         parts.append(f"LoRA r={recipe.lora.r} (merged)")
     return " + ".join(parts)
-
-
-def _export(model, tokenizer, out: Path, recipe: Recipe, summary: dict, metrics_path: Path) -> None:
-    def finalize(folder: Path) -> None:
-        (folder / "uptraining_recipe.yaml").write_text(recipe.to_yaml())
-        (folder / "uptraining_summary.json").write_text(json.dumps(summary, indent=1))
-        if metrics_path.is_file():
-            (folder / "uptraining_metrics.jsonl").write_text(metrics_path.read_text())
-        add_uptrain_row(folder, summary)
-
-    save_model_folder(model, tokenizer, out, overwrite=recipe.output.overwrite, finalize=finalize)
-    logger.info("saved %s", out)
-
-
-def plan(recipe: Recipe) -> dict:
-    """What ``--dry-run`` prints: parameter counts (model built on the meta device, no weights read) and budget."""
-    from transformers import AutoConfig
-
-    from ..convert import Split, resolve_source
-    from ..convert.surgery import build_config, check_conversion
-    from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
-
-    check_before_work(recipe, resume="")
-    m = recipe.model
-    if m.path is not None:
-        config = AutoConfig.from_pretrained(Path(m.path).expanduser(), trust_remote_code=True)
-        if not isinstance(config, BlockTransformerConfig):
-            config = BlockTransformerConfig.from_dict(config.to_dict())
-    else:
-        source_config = resolve_source(m.source, revision=m.revision).config
-        layers = source_config.num_hidden_layers
-        split = Split.parse(m.split) if m.split else Split(layers // 2, layers - layers // 2)
-        family = check_conversion(source_config, split, m.block_len, m.num_prefix_tokens)
-        tied = bool(getattr(source_config, "tie_word_embeddings", False))
-        config = build_config(source_config, family, split, m.block_len, m.num_prefix_tokens, tied, {"init": m.init})
-    if recipe.data.seq_len % config.block_len:
-        raise RecipeError(f"data.seq_len {recipe.data.seq_len} is not a multiple of the model's block length {config.block_len}.")
-    with torch.device("meta"):
-        model = BlockTransformerForCausalLM(config)
-        if recipe.lora.enabled:
-            model = apply_lora(model, recipe)
-    steps = total_steps(recipe)
-    return {
-        "parameters": count_parameters(model),
-        "steps": steps,
-        "tokens_per_step": recipe.train.batch_size * recipe.data.seq_len,
-        "token_budget": steps * recipe.train.batch_size * recipe.data.seq_len,
-    }

@@ -1,4 +1,7 @@
-"""Recovery losses beyond plain cross-entropy, all driven by the frozen source model (the teacher).
+"""The recovery loss of uptraining: cross-entropy, plus terms driven by the frozen source model (the teacher).
+
+:class:`RecoveryLoss` is ``ce_weight·CE + kl_weight·KL + hidden_weight·alignment``, the loss the
+uptraining loop, the speed benchmark and the tests all use. Its two teacher terms:
 
 * **KL distillation** — the teacher's next-token distribution on the same tokens, with a temperature.
 * **Hidden-state alignment** (MOHAWK's stage 2, adapted): after conversion the token decoder's layer j
@@ -16,12 +19,95 @@ both sides, unlike HF's last ``hidden_states`` entry, which is after the final n
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..modeling import BlockTransformerForCausalLM
+from .build import decoder_layers, family_of
 from .data import IGNORE
+from .recipe import DistillSection
+
+
+@dataclass(frozen=True)
+class Losses:
+    """The terms of the recovery loss, each already normalised by the global count it averages over."""
+
+    total: torch.Tensor  # the weighted sum that is trained
+    ce: torch.Tensor
+    kl: torch.Tensor
+    hidden: torch.Tensor
+
+    def stacked(self) -> torch.Tensor:
+        """[total, ce, kl, hidden], detached, in fp32: for summing over micro-batches and processes."""
+        return torch.stack([t.detach().float() for t in (self.total, self.ce, self.kl, self.hidden)])
+
+
+class RecoveryLoss:
+    """``ce_weight·CE + kl_weight·KL + hidden_weight·alignment`` of a Block Transformer against its source.
+
+    Built once per run. It holds the frozen teacher (only when a teacher term is weighted) and the
+    layer maps of hidden-state alignment: token-decoder layer j of the student and layer N_b + j of the
+    source, the same weights before conversion. Every term is a sum divided by a count over the whole
+    global batch (:meth:`normalisers`), so micro-batches and processes add up to the batch's mean.
+    """
+
+    def __init__(
+        self,
+        distill: DistillSection,
+        student: BlockTransformerForCausalLM,
+        teacher: nn.Module | None,
+        hidden_layers: Sequence[int],
+    ):
+        self.distill = distill
+        self.teacher = teacher
+        cfg = student.config
+        self.block_len, self.num_prefix = cfg.block_len, cfg.num_prefix_tokens
+        family = family_of(student)
+        self.student_layers = {j: decoder_layers(student.token_decoder, family)[j - 1] for j in hidden_layers}
+        split_at = cfg.block_decoder_config.num_hidden_layers
+        self.teacher_layers = {} if teacher is None else {
+            j: decoder_layers(teacher.base_model, family)[split_at + j - 1] for j in hidden_layers
+        }
+
+    def normalisers(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scored targets, aligned token-layers) of a whole global batch: what each term is divided by."""
+        ce_items = scored_targets(labels).sum().clamp_min(1)
+        aligned = alignment_mask(labels, self.block_len, self.distill.align_prefix).sum().clamp_min(1)
+        return ce_items, aligned * max(1, len(self.student_layers))
+
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        ce_items: torch.Tensor,
+        align_items: torch.Tensor,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> Losses:
+        """The terms on one micro-batch. ``model`` is the student as it trains (it may be wrapped by
+        accelerate or peft); ``autocast`` is the mixed-precision context the teacher runs under.
+        """
+        dist = self.distill
+        zero = torch.zeros((), device=input_ids.device)
+        with capture_outputs(self.student_layers if self.teacher_layers else {}) as student_states:
+            out = model(input_ids=input_ids, labels=labels, num_items_in_batch=ce_items, use_cache=False)
+        ce, kl, hidden = out.loss, zero, zero
+        if self.teacher is not None:
+            with torch.no_grad(), autocast(), capture_outputs(self.teacher_layers) as teacher_states:
+                teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
+            if dist.kl_weight:
+                kl = kl_sum(out.logits[:, :-1], teacher_logits[:, :-1], scored_targets(labels), dist.temperature) / ce_items
+            for j, layer_out in student_states.items():
+                student = token_decoder_states(layer_out, *input_ids.shape, self.block_len, self.num_prefix)
+                err = alignment_sum(student, teacher_states[j], labels, self.block_len, dist.align_prefix)
+                hidden = hidden + err / align_items
+        total = dist.ce_weight * ce + dist.kl_weight * kl + dist.hidden_weight * hidden
+        return Losses(total=total, ce=ce, kl=kl, hidden=hidden)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..convert.inits import DEFAULT_INIT, INITS
 from ..errors import BlockTransformerError
 
 
@@ -34,7 +35,7 @@ class ModelSection(_Section):
     block_len: int = Field(4, ge=1)
     split: str | None = None  # "N_b/N_t"; default: half and half
     num_prefix_tokens: int = Field(2, ge=1)
-    init: str = "sink"
+    init: Literal[INITS] = DEFAULT_INIT  # checked here, before any conversion work
     separator: str | None = None
     revision: str | None = None
 

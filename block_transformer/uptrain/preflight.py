@@ -1,0 +1,201 @@
+"""Everything about a run that needs no weights, checked before any weights load.
+
+A mistake in a recipe should cost a second, not the minutes of loading or converting a model first:
+data paths, the output and checkpoint folders (and the checkpoint to resume), trackers and push
+credentials, then the model's
+config and tokenizer (the conversion is planned on paper), the block length, the document separator
+and the hidden-alignment layers. ``--dry-run`` is these checks plus the parameter counts of the model
+built on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..convert.sources import Source, resolve_source
+from ..convert.surgery import Split
+from ..data_spec import DataSpec
+from ..export import check_output
+from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
+from . import checkpoint
+from .build import apply_lora, count_parameters
+from .data import require_heldout_source
+from .recipe import DistillSection, Recipe, RecipeError
+
+_TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """What a run is made of, read from configs and the tokenizer only."""
+
+    config: BlockTransformerConfig  # the model to train (for a source, the conversion's config, planned)
+    tokenizer: PreTrainedTokenizerBase
+    split: Split | None  # how a source is split when converted (its default resolved); None for a folder
+    separator_id: int  # the document separator the data is packed with
+    hidden_layers: list[int]  # token-decoder layers aligned with the source's ([] without hidden alignment)
+    teacher: Source | None  # the source model: distillation teacher and reference, when known
+    resume_path: Path | None = None  # the checkpoint to resume from
+
+
+def total_steps(recipe: Recipe) -> int:
+    t = recipe.train
+    return t.max_steps or math.ceil(t.max_tokens / (t.batch_size * recipe.data.seq_len))
+
+
+def micro_batch_size(recipe: Recipe, world_size: int) -> int:
+    t = recipe.train
+    micro = t.micro_batch_size or t.batch_size // world_size
+    if micro == 0 or t.batch_size % (micro * world_size):
+        raise RecipeError(
+            f"train.batch_size {t.batch_size} must be a multiple of train.micro_batch_size ({micro}) x "
+            f"{world_size} processes: change one of them."
+        )
+    return micro
+
+
+def check_before_work(recipe: Recipe, resume: str | None) -> Blueprint:
+    """Every check that needs no weights; returns what they read, for the run to use.
+
+    ``resume``: None starts a fresh run; a checkpoint folder, or "" for the latest one of the recipe's.
+    """
+    _check_paths_and_services(recipe, starts_fresh=resume is None)
+    resume_path = checkpoint.resolve(resume, recipe.checkpoint_dir) if resume is not None else None
+    return dataclasses.replace(read_blueprint(recipe), resume_path=resume_path)
+
+
+def plan(recipe: Recipe) -> dict:
+    """What ``--dry-run`` prints: parameter counts (model built on the meta device, no weights read) and budget."""
+    _check_paths_and_services(recipe, starts_fresh=False)  # a dry run writes nothing
+    blueprint = read_blueprint(recipe)
+    with torch.device("meta"):
+        model = BlockTransformerForCausalLM(blueprint.config)
+        if recipe.lora.enabled:
+            model = apply_lora(model, recipe)
+    steps = total_steps(recipe)
+    return {
+        "parameters": count_parameters(model),
+        "steps": steps,
+        "tokens_per_step": recipe.train.batch_size * recipe.data.seq_len,
+        "token_budget": steps * recipe.train.batch_size * recipe.data.seq_len,
+    }
+
+
+def _check_paths_and_services(recipe: Recipe, starts_fresh: bool) -> None:
+    """Data paths, output and checkpoint folders (for a fresh run: free), trackers, push credentials."""
+    DataSpec.parse(recipe.data.train, recipe.data.text_field)
+    if recipe.data.eval:
+        DataSpec.parse(recipe.data.eval, recipe.data.text_field)
+    require_heldout_source(recipe.data)
+    if starts_fresh and not recipe.output.overwrite:
+        check_output(Path(recipe.output.dir).expanduser(), overwrite=False)
+    if starts_fresh and checkpoint.checkpoints(recipe.checkpoint_dir):
+        raise RecipeError(
+            f"{recipe.checkpoint_dir} already holds checkpoints of a run: pass --resume to continue it, "
+            "or set checkpoint.dir to a new folder."
+        )
+    for tracker in recipe.train.report_to:
+        if importlib.util.find_spec(_TRACKER_PACKAGES[tracker]) is None:
+            raise RecipeError(f"train.report_to lists {tracker}, which is not installed: pip install {tracker}.")
+    if recipe.output.push_to_hub:
+        from ..hub import check_push_possible, check_repo_id
+
+        check_repo_id(recipe.output.push_to_hub)
+        check_push_possible()
+
+
+def read_blueprint(recipe: Recipe) -> Blueprint:
+    """The model's config and tokenizer (a source's conversion planned on paper), checked against the recipe."""
+    if recipe.model.path is not None:
+        config, tokenizer = _read_folder(recipe.model.path)
+        split, teacher = None, teacher_source(recipe, config)
+    else:
+        config, tokenizer, split, source = _plan_conversion(recipe)
+        teacher = resolve_source(recipe.distill.teacher) if recipe.distill.teacher else source
+    if recipe.data.seq_len % config.block_len:
+        raise RecipeError(f"data.seq_len {recipe.data.seq_len} is not a multiple of the model's block length {config.block_len}.")
+    if recipe.distill.needs_teacher and teacher is None:
+        raise RecipeError("distillation needs a teacher: set distill.teacher to the source model.")
+    return Blueprint(
+        config=config,
+        tokenizer=tokenizer,
+        split=split,
+        separator_id=separator_id(recipe.data.separator, tokenizer, config),
+        hidden_layers=hidden_layers(recipe.distill, config.token_decoder_config.num_hidden_layers),
+        teacher=teacher,
+    )
+
+
+def _read_folder(path: str) -> tuple[BlockTransformerConfig, PreTrainedTokenizerBase]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"model.path {path} is not a converted model folder (no config.json): run bt-convert first.")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    if not isinstance(config, BlockTransformerConfig):  # the folder's own copy of the class
+        config = BlockTransformerConfig.from_dict(config.to_dict())
+    return config, AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+
+
+def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrainedTokenizerBase, Split, Source]:
+    """The config ``convert`` will build from ``model.source``, and the source's tokenizer: no weights read."""
+    from ..convert.convert import resolve_separator
+    from ..convert.surgery import build_config, check_conversion
+
+    m = recipe.model
+    source = resolve_source(m.source, revision=m.revision)
+    layers = source.config.num_hidden_layers
+    split = Split.parse(m.split) if m.split else Split(layers // 2, layers - layers // 2)
+    family = check_conversion(source.config, split, m.block_len, m.num_prefix_tokens)
+    tokenizer = source.load_tokenizer()
+    conversion = {"init": m.init, "separator_id": resolve_separator(tokenizer, source.config.model_type, m.separator)}
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    config = build_config(source.config, family, split, m.block_len, m.num_prefix_tokens, tied, conversion)
+    return config, tokenizer, split, source
+
+
+def teacher_source(recipe: Recipe, config: BlockTransformerConfig) -> Source | None:
+    """The source model of a converted folder: ``distill.teacher``, or the hub id recorded at conversion."""
+    if recipe.distill.teacher:
+        return resolve_source(recipe.distill.teacher)
+    conversion = config.conversion or {}
+    if conversion.get("source_kind") == "hub":
+        return resolve_source(conversion["source"], revision=conversion.get("revision"))
+    if recipe.distill.needs_teacher:
+        raise RecipeError(
+            f"the teacher (the source of {recipe.model.path}, a {conversion.get('source_kind', 'unknown')} "
+            f"{conversion.get('source', '')!r}) cannot be found from the folder: set distill.teacher to its path."
+        )
+    return None
+
+
+def separator_id(token: str | None, tokenizer: PreTrainedTokenizerBase, config: BlockTransformerConfig) -> int:
+    """``data.separator``'s id, or by default the separator the model was converted with."""
+    if token is None:
+        recorded = (config.conversion or {}).get("separator_id")
+        if recorded is None:
+            raise RecipeError("the model records no document separator: set data.separator to a token.")
+        return int(recorded)
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        raise RecipeError(f"data.separator {token!r} is not a token of the model's tokenizer.")
+    return int(token_id)
+
+
+def hidden_layers(distill: DistillSection, num_token_layers: int) -> list[int]:
+    """The token-decoder layers (1-based) whose outputs are aligned with the source's; [] without alignment."""
+    if not distill.hidden_weight:
+        return []
+    layers = list(range(1, num_token_layers + 1)) if distill.hidden_layers == "all" else list(distill.hidden_layers)
+    bad = [j for j in layers if not 1 <= j <= num_token_layers]
+    if bad:
+        raise RecipeError(f"distill.hidden_layers {bad} out of range: the token decoder has layers 1..{num_token_layers}.")
+    return layers
