@@ -7,6 +7,7 @@ import torch
 
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
+from block_transformer.convert.discovery import find_structure
 from block_transformer.convert.families import family_for
 from block_transformer.errors import ConversionError
 from conftest import VOCAB, tiny_source
@@ -22,23 +23,23 @@ def converted(model_type: str, init: str = "sink", split: Split = Split(2, 2), b
 @pytest.mark.parametrize("init", ["sink", "reference"])
 def test_every_copied_tensor_equals_the_source(model_type, init):
     source, model = converted(model_type, init)
-    family = family_for(model_type)
+    structure = find_structure(source, family_for(model_type))
     src = dict(source.base_model.named_parameters())
     src.update(dict(source.base_model.named_buffers()))
     ours = dict(model.named_parameters(remove_duplicate=False))
     ours.update(dict(model.named_buffers()))
     checked = 0
     for name, tensor in src.items():
-        if name.startswith(f"{family.layers}."):
-            index, rest = name[len(family.layers) + 1 :].split(".", 1)
+        if name.startswith(f"{structure.layers}."):
+            index, rest = name[len(structure.layers) + 1 :].split(".", 1)
             index = int(index)
             target = (
-                f"block_decoder.{family.layers}.{index}.{rest}"
+                f"block_decoder.{structure.layers}.{index}.{rest}"
                 if index < 2
-                else f"token_decoder.{family.layers}.{index - 2}.{rest}"
+                else f"token_decoder.{structure.layers}.{index - 2}.{rest}"
             )
             targets = [target]
-        elif name.startswith(family.final_norm):
+        elif name.startswith(structure.final_norm):
             targets = [f"token_decoder.{name}"]
         elif tensor is source.get_input_embeddings().weight:
             targets = ["embed_tokens.weight"]

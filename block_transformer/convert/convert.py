@@ -10,6 +10,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from .. import __version__
 from ..errors import ConversionError
 from ..modeling import BlockTransformerForCausalLM
+from .discovery import find_structure, measure_arithmetic
 from .families import Family, family_for
 from .inits import DEFAULT_INIT, init_new_modules
 from .sources import Source, resolve_source
@@ -58,6 +59,8 @@ def convert_model(
 ) -> BlockTransformerForCausalLM:
     """Surgery on an in-memory causal LM: copy its weights, then initialise the new modules."""
     family: Family = check_conversion(source_model.config, split, block_len, num_prefix_tokens)
+    structure = find_structure(source_model, family)
+    arithmetic = measure_arithmetic(source_model, structure)
     dtype = source_model.get_input_embeddings().weight.dtype
     conversion = {
         **(source_info or {}),
@@ -70,12 +73,21 @@ def convert_model(
         "block_transformer_version": __version__,
     }
     config = build_config(
-        source_model.config, family, split, block_len, num_prefix_tokens, is_tied(source_model), conversion
+        source_model.config,
+        family,
+        split,
+        block_len,
+        num_prefix_tokens,
+        is_tied(source_model),
+        conversion,
+        structure=structure,
+        arithmetic=arithmetic,
+        lm_head_bias=getattr(source_model.get_output_embeddings(), "bias", None) is not None,
     )
     config._attn_implementation = source_model.config._attn_implementation
     model = BlockTransformerForCausalLM(config).to(dtype)
-    copy_source_weights(model, source_model, family)
-    init_new_modules(model, init, separator_id, position_embedding=family.position_embedding)
+    copy_source_weights(model, source_model, structure)
+    init_new_modules(model, init, separator_id)
     model.generation_config = _generation_config(source_model)
     return model.eval()
 

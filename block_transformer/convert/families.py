@@ -1,49 +1,77 @@
-"""Per-family descriptors, loaded from ``families.yaml``: architecture knowledge as data."""
+"""Family descriptors, loaded from ``families.yaml``: what inspection of a source model cannot tell.
+
+Most families need no entry at all (see :mod:`block_transformer.convert.discovery`); an entry holds
+the document separator, a path inspection would get wrong, config fields holding absolute layer
+indices, or the reason a family is refused. Entries are validated: a misspelt key is an error naming it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConversionError
 
+DEFAULT_ENTRY = "default"
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    layers: str
-    final_norm: str
-    separators: tuple[str, ...]
+
+class Family(BaseModel):
+    """One entry of ``families.yaml`` (``default`` fills what an entry leaves out)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = DEFAULT_ENTRY
+    model_types: tuple[str, ...] = ()
+    separators: tuple[str, ...] = ()
+    layers: str | None = None
+    final_norm: str | None = None
     position_embedding: str | None = None
+    layer_index_attrs: tuple[str, ...] = ()
+    refuse: str | None = None
+
+
+def parse_families(raw: dict) -> dict[str, Family]:
+    """model_type -> Family; the ``default`` entry under its own name. Raises on a malformed entry."""
+    if not isinstance(raw, dict) or DEFAULT_ENTRY not in raw:
+        raise ConversionError(f"families.yaml must be a mapping with a {DEFAULT_ENTRY!r} entry.")
+    table: dict[str, Family] = {}
+    default = None
+    for name, entry in raw.items():
+        try:
+            family = Family(name=name, **(entry or {}))
+        except ValidationError as err:
+            problem = err.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise ConversionError(f"families.yaml entry {name!r}: {where}: {problem['msg']}") from None
+        if name == DEFAULT_ENTRY:
+            default = family
+            continue
+        for model_type in family.model_types:
+            if model_type in table:
+                raise ConversionError(f"families.yaml: model type {model_type!r} is listed twice.")
+            table[model_type] = family
+    table[DEFAULT_ENTRY] = default
+    if not default.separators:
+        raise ConversionError("families.yaml: the default entry needs separators.")
+    return {
+        key: family if family.separators else family.model_copy(update={"separators": default.separators})
+        for key, family in table.items()
+    }
 
 
 @cache
 def families() -> dict[str, Family]:
-    """model_type -> Family, for every supported model type."""
     raw = yaml.safe_load(resources.files(__package__).joinpath("families.yaml").read_text())
-    table: dict[str, Family] = {}
-    for name, entry in raw.items():
-        family = Family(
-            name=name,
-            model_types=tuple(entry["model_types"]),
-            layers=entry["layers"],
-            final_norm=entry["final_norm"],
-            separators=tuple(entry["separators"]),
-            position_embedding=entry.get("position_embedding"),
-        )
-        table.update({model_type: family for model_type in family.model_types})
-    return table
+    return parse_families(raw)
 
 
 def family_for(model_type: str) -> Family:
+    """The entry for ``model_type``, or the default one; refused families raise with their reason."""
     table = families()
-    if model_type not in table:
-        raise ConversionError(
-            f"unsupported architecture {model_type!r}; supported model types: {', '.join(sorted(table))}. "
-            "Add a descriptor to block_transformer/convert/families.yaml to support another family."
-        )
-    return table[model_type]
+    family = table.get(model_type, table[DEFAULT_ENTRY])
+    if family.refuse:
+        raise ConversionError(f"cannot convert {model_type!r}: {family.refuse}.")
+    return family

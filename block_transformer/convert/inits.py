@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling import BlockTransformerForCausalLM
+from .discovery import position_signal
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ def init_new_modules(
     model: BlockTransformerForCausalLM,
     init: str,
     separator_id: int,
-    position_embedding: str | None = None,
     batch_size: int = 1024,
 ) -> None:
     """Initialise embedder, start vector, prefix and (sink) the token-input table in place."""
@@ -51,14 +51,12 @@ def init_new_modules(
         model.start.copy_(torch.randn(dim, generator=generator) * cfg.initializer_range)
         return
 
-    embed = model.embed_tokens.weight
-    model.start.copy_(embed[separator_id])
+    model.start.copy_(model.token_embeddings(torch.tensor(separator_id)))
     sink, states = _layer_nb_states(model, batch_size)
-    positions = _position_table(model.token_decoder, position_embedding)
-    if positions is not None:
-        # The token decoder adds its own (local) position embedding on top of what we feed it.
-        sink = sink - positions[0]
-        states = states - positions[1]
+    # The token decoder adds its own (local) position signal, if the family has one, to what we feed it.
+    layers = model.token_decoder.get_submodule(cfg.decoder_layers)
+    added = position_signal(model.token_decoder, layers, torch.arange(2).unsqueeze(0), dim, dtype)
+    sink, states = sink - added[0], states - added[1]
     model.token_embed_tokens.weight.copy_(states)
     if n_prefix == 1:
         logger.warning("sink init with one prefix token: no slot is left for the attention sink.")
@@ -75,14 +73,17 @@ def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tup
     """
     was_training = model.training
     model.eval()
-    embed = model.embed_tokens.weight
+    embed = model.token_embeddings(torch.arange(model.config.vocab_size))
+    divisor = model.config.decoder_input_multiplier  # the base model multiplies inputs_embeds back
     prefix = model.block_decoder(
-        inputs_embeds=model.start.view(1, 1, -1), position_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True
+        inputs_embeds=model.start.view(1, 1, -1) / divisor,
+        position_ids=torch.zeros(1, 1, dtype=torch.long),
+        use_cache=True,
     )
     sink = prefix.last_hidden_state[0, 0]
     states = torch.empty_like(embed)
     for begin in tqdm(range(0, embed.shape[0], batch_size), desc="token-decoder input table", unit="batch"):
-        tokens = embed[begin : begin + batch_size].unsqueeze(1)
+        tokens = embed[begin : begin + batch_size].unsqueeze(1) / divisor
         cache = copy.deepcopy(prefix.past_key_values)
         cache.batch_repeat_interleave(tokens.shape[0])
         position = torch.ones(1, 1, dtype=torch.long)
@@ -90,7 +91,3 @@ def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tup
         states[begin : begin + batch_size] = out.last_hidden_state[:, 0]
     model.train(was_training)
     return sink, states
-
-
-def _position_table(decoder: torch.nn.Module, name: str | None) -> torch.Tensor | None:
-    return None if name is None else getattr(decoder, name).weight

@@ -9,6 +9,7 @@ initialised by one of the schemes in :mod:`block_transformer.convert.inits`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..errors import ConversionError
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
 from ..modeling.modeling_block_transformer import sliding_window
-from .families import Family, family_for
+from .discovery import Arithmetic, Structure, check_architecture
+from .families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ class Split:
 
 def check_conversion(config: PretrainedConfig, split: Split, block_len: int, num_prefix_tokens: int) -> Family:
     """Everything that can be checked from the source config alone, before weights are loaded."""
-    family = family_for(config.model_type)
+    family = check_architecture(config)
     if block_len < 1:
         raise ConversionError(f"--block-len must be >= 1, got {block_len}")
     if num_prefix_tokens < 1:
@@ -69,9 +71,14 @@ def build_config(
     num_prefix_tokens: int,
     tie_word_embeddings: bool,
     conversion: dict,
+    *,
+    structure: Structure | None = None,
+    arithmetic: Arithmetic | None = None,
+    lm_head_bias: bool = False,
 ) -> BlockTransformerConfig:
-    block_cfg = _sub_config(source_config, range(0, split.block))
-    token_cfg = _sub_config(source_config, range(split.block, split.block + split.token))
+    """The converted model's config; without ``structure``/``arithmetic`` (a dry run) the defaults."""
+    block_cfg = _sub_config(source_config, family, range(0, split.block))
+    token_cfg = _sub_config(source_config, family, range(split.block, split.block + split.token))
     window = sliding_window(source_config)
     if window is not None:
         # Keep the attention span in tokens: the block decoder's positions are blocks of L_B tokens.
@@ -82,7 +89,8 @@ def build_config(
         token_decoder_config=token_cfg,
         block_len=block_len,
         num_prefix_tokens=num_prefix_tokens,
-        block_decoder_final_norm=family.final_norm,
+        **_measured(structure, arithmetic),
+        lm_head_bias=lm_head_bias,
         separate_token_embeddings=conversion["init"] == "sink",
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=source_config.pad_token_id,
@@ -92,12 +100,31 @@ def build_config(
     )
 
 
-def _sub_config(source_config: PretrainedConfig, layers: range) -> PretrainedConfig:
+def _measured(structure: Structure | None, arithmetic: Arithmetic | None) -> dict:
+    fields = {}
+    if structure is not None:
+        fields.update(block_decoder_final_norm=structure.final_norm, decoder_layers=structure.layers)
+    if arithmetic is not None:
+        fields.update(dataclasses.asdict(arithmetic))
+    return fields
+
+
+def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) -> PretrainedConfig:
+    """The source config for a run of its layers: per-layer settings follow each layer to its new index.
+
+    Any list with one entry per source layer (``layer_types``, per-layer windows or RoPE flags, ...) is
+    sliced; fields holding absolute layer indices (named in the family's descriptor) are shifted.
+    """
     cfg = copy.deepcopy(source_config)
+    total = source_config.num_hidden_layers
+    for name, value in list(cfg.to_dict().items()):
+        current = getattr(cfg, name, None)
+        if isinstance(current, (list, tuple)) and len(current) == total and name not in family.layer_index_attrs:
+            setattr(cfg, name, type(current)(current[i] for i in layers))
+    for name in family.layer_index_attrs:
+        indices = getattr(cfg, name, None) or []
+        setattr(cfg, name, [i - layers.start for i in indices if i in layers])
     cfg.num_hidden_layers = len(layers)
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None:
-        cfg.layer_types = [layer_types[i] for i in layers]
     cfg.architectures = None
     # Weights are saved dequantised: a GGUF source's quantization_config must not travel along.
     for name in ("quantization_config", "_model_name_or_path"):
@@ -107,12 +134,12 @@ def _sub_config(source_config: PretrainedConfig, layers: range) -> PretrainedCon
     return cfg
 
 
-def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedModel, family: Family) -> list[str]:
+def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure) -> list[str]:
     """Copy every source tensor to its place; returns the names of our parameters that were copied."""
     base = source.base_model
     n_block = model.config.block_decoder_config.num_hidden_layers
-    embed_name = _child_name(base, base.get_input_embeddings())
-    layer_prefix = f"{family.layers}."
+    embed_name = structure.embedding
+    layer_prefix = f"{structure.layers}."
     block_state: dict[str, torch.Tensor] = {}
     token_state: dict[str, torch.Tensor] = {}
     for key, tensor in base.state_dict().items():
@@ -124,7 +151,7 @@ def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedMo
                 token_state[f"{layer_prefix}{int(index) - n_block}.{rest}"] = tensor
         elif key.startswith(f"{embed_name}."):
             continue
-        elif key.startswith(f"{family.final_norm}."):
+        elif structure.final_norm and key.startswith(f"{structure.final_norm}."):
             token_state[key] = tensor
         else:  # position tables and other shared non-layer state
             block_state[key] = tensor
@@ -134,12 +161,13 @@ def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedMo
     with torch.no_grad():
         model.embed_tokens.weight.copy_(base.get_input_embeddings().weight)
         head = source.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            raise ConversionError("LM heads with a bias are not supported yet.")
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.copy_(head.weight)
+        if model.config.lm_head_bias:
+            model.lm_head.bias.copy_(head.bias)
     copied = [f"block_decoder.{k}" for k in block_state] + [f"token_decoder.{k}" for k in token_state]
-    return copied + ["embed_tokens.weight", "lm_head.weight"]
+    head = ["lm_head.weight", "lm_head.bias"] if model.config.lm_head_bias else ["lm_head.weight"]
+    return copied + ["embed_tokens.weight", *head]
 
 
 def _load_exact(decoder: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -149,13 +177,6 @@ def _load_exact(decoder: torch.nn.Module, state: dict[str, torch.Tensor], what: 
             f"the {what} does not match the source layout (missing {result.missing_keys[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}): the family descriptor is wrong for this checkpoint."
         )
-
-
-def _child_name(parent: torch.nn.Module, child: torch.nn.Module) -> str:
-    for name, module in parent.named_modules():
-        if module is child:
-            return name
-    raise ConversionError(f"{type(parent).__name__}'s input embedding is not one of its modules.")
 
 
 def is_tied(source: PreTrainedModel) -> bool:

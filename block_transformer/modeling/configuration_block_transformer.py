@@ -30,6 +30,14 @@ class BlockTransformerConfig(PretrainedConfig):
             normed residual stream.
         separate_token_embeddings: token-decoder inputs come from their own ``V x D`` table instead of
             the shared token embedding (set by the sink-aware conversion init).
+        decoder_layers: path of the decoder-layer list inside each decoder's base model.
+        embedding_multiplier: what the source family multiplies token embeddings by before its first
+            layer (Gemma: √D); applied to the token embeddings that feed the embedder and token decoder.
+        decoder_input_multiplier: what the family's base model itself multiplies ``inputs_embeds`` by;
+            decoder inputs are divided by it, so each layer sees exactly the vectors we pass.
+        logit_scale, final_logit_softcapping: the family's LM-head arithmetic,
+            ``cap · tanh(logit_scale · head(h) / cap)`` (no cap when ``None``).
+        lm_head_bias: whether the LM head has a bias (Phi-1/2).
         conversion: how the model was made (source, revision, split, init, ...); informational.
     """
 
@@ -45,6 +53,12 @@ class BlockTransformerConfig(PretrainedConfig):
     num_prefix_tokens: int = 2
     block_decoder_final_norm: str = "norm"
     separate_token_embeddings: bool = False
+    decoder_layers: str = "layers"
+    embedding_multiplier: float = 1.0
+    decoder_input_multiplier: float = 1.0
+    logit_scale: float = 1.0
+    final_logit_softcapping: float | None = None
+    lm_head_bias: bool = False
     vocab_size: int | None = None
     hidden_size: int | None = None
     max_position_embeddings: int | None = None

@@ -95,9 +95,9 @@ class DecoderKV:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, batch_size: int, window: int | None = None, capacity: int | None = None):
+    def __init__(self, batch_size: int, windows: dict[str | None, int | None] | None = None, capacity: int | None = None):
         self.batch_size = batch_size
-        self.window = window
+        self.windows = windows or {None: None}  # attention window per layer type (None: one mask for all)
         self.capacity = capacity  # fixed size (token decoder), or None: grow as blocks arrive
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -112,21 +112,23 @@ class DecoderKV:
         self._write_rows = rows if rows is not None else torch.arange(self.batch_size, device=write_at.device)
         self._slots = write_at.view(-1, 1) + torch.arange(num_new, device=write_at.device)
         self._kv_len = int(self._slots.max()) + 1
-        keys = torch.arange(self._kv_len, device=write_at.device)
+        if attn_impl not in ("sdpa", "eager"):
+            raise ValueError(
+                f"cached generation supports attn_implementation 'sdpa' and 'eager', not {attn_impl!r}: "
+                "load the model with attn_implementation='sdpa'."
+            )
+        masks = {kind: self._mask(window, attn_impl, dtype) for kind, window in self.windows.items()}
+        return masks[None] if None in masks else masks  # per-layer-type masks go in as the family's mapping
+
+    def _mask(self, window: int | None, attn_impl: str, dtype) -> torch.Tensor:
+        keys = torch.arange(self._kv_len, device=self._slots.device)
         allowed = keys <= self._slots.unsqueeze(-1)  # causal; slots past a row's length are never allowed
-        if self.window is not None:
-            allowed &= keys > self._slots.unsqueeze(-1) - self.window
+        if window is not None:
+            allowed &= keys > self._slots.unsqueeze(-1) - window
         allowed = allowed.unsqueeze(1)  # [R, 1, q, kv]
         if attn_impl == "sdpa":
             return allowed
-        if attn_impl == "eager":
-            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min
-            )
-        raise ValueError(
-            f"cached generation supports attn_implementation 'sdpa' and 'eager', not {attn_impl!r}: "
-            "load the model with attn_implementation='sdpa'."
-        )
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         if layer_idx == len(self.keys):
@@ -169,9 +171,9 @@ class BlockTransformerCache:
     def start(self, num_tokens: torch.Tensor, current_block: torch.Tensor) -> None:
         batch = num_tokens.shape[0]
         self.num_tokens, self.current_block = num_tokens.clone(), current_block.clone()
-        self.block = DecoderKV(batch, window=sliding_window(self.config.block_decoder_config))
+        self.block = DecoderKV(batch, windows=attention_windows(self.config.block_decoder_config))
         self.token = DecoderKV(
-            batch, window=sliding_window(self.config.token_decoder_config), capacity=self.config.token_decoder_len
+            batch, windows=attention_windows(self.config.token_decoder_config), capacity=self.config.token_decoder_len
         )
 
     @property
@@ -195,6 +197,15 @@ def sliding_window(sub_config) -> int | None:
     return getattr(sub_config, "sliding_window", None)
 
 
+def attention_windows(sub_config) -> dict[str | None, int | None]:
+    """Attention window per layer type (``layer_types`` of recent configs); key None when all layers share one."""
+    window = sliding_window(sub_config)
+    layer_types = getattr(sub_config, "layer_types", None)
+    if not layer_types:
+        return {None: window}
+    return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(layer_types)}
+
+
 def _rows_where(selected: torch.Tensor) -> torch.Tensor | None:
     """Indices of the selected rows, or None when every row is selected (no gather needed)."""
     return None if bool(selected.all()) else selected.nonzero(as_tuple=True)[0]
@@ -208,9 +219,11 @@ def _build_decoder(sub_config, final_norm: str | None) -> PreTrainedModel:
     decoder = AutoModel.from_config(sub_config)
     decoder.set_input_embeddings(None)
     if final_norm is not None:
-        if not isinstance(getattr(decoder, final_norm, None), nn.Module):
+        parent_path, _, name = final_norm.rpartition(".")
+        parent = decoder.get_submodule(parent_path) if parent_path else decoder
+        if not isinstance(getattr(parent, name, None), nn.Module):
             raise ValueError(f"{type(decoder).__name__} has no final norm module named {final_norm!r}.")
-        setattr(decoder, final_norm, nn.Identity())
+        setattr(parent, name, nn.Identity())
     return decoder
 
 
@@ -227,7 +240,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self.block_decoder = _build_decoder(config.block_decoder_config, final_norm=config.block_decoder_final_norm)
         self.prefix = nn.Linear(dim, n_prefix * dim, bias=True)
         self.token_decoder = _build_decoder(config.token_decoder_config, final_norm=None)
-        self.lm_head = nn.Linear(dim, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(dim, config.vocab_size, bias=config.lm_head_bias)
         self._no_split_modules = sorted(
             set(self.block_decoder._no_split_modules or []) | set(self.token_decoder._no_split_modules or [])
         )
@@ -245,15 +258,30 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the source's first layer saw them (times the family's multiplier)."""
+        embeds = self.embed_tokens(input_ids)
+        multiplier = self.config.embedding_multiplier
+        return embeds if multiplier == 1.0 else embeds * torch.tensor(multiplier, dtype=embeds.dtype)
+
     def token_decoder_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """t(x): the token decoder's input embedding of each token."""
-        table = self.token_embed_tokens if self.token_embed_tokens is not None else self.embed_tokens
-        return table(input_ids)
+        if self.token_embed_tokens is not None:
+            return self.token_embed_tokens(input_ids)
+        return self.token_embeddings(input_ids)
 
     def embed_blocks(self, block_ids: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
         """[..., L_B] token ids -> [..., D] block embeddings; masked tokens contribute zeros."""
-        tokens = self.embed_tokens(block_ids) * block_mask.unsqueeze(-1).to(self.embed_tokens.weight.dtype)
+        tokens = self.token_embeddings(block_ids) * block_mask.unsqueeze(-1).to(self.embed_tokens.weight.dtype)
         return self.embedder(tokens.flatten(-2))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The family's LM-head arithmetic: head, then logit scaling and soft-capping if it has them."""
+        logits = self.lm_head(hidden)
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def _run_decoder(
         self,
@@ -266,6 +294,9 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         **kwargs,
     ) -> torch.Tensor:
         """The family's base model on ``inputs_embeds`` at explicit positions, optionally through a cache."""
+        multiplier = self.config.decoder_input_multiplier
+        if multiplier != 1.0:  # the base model multiplies inputs_embeds; its layers must see ``inputs``
+            inputs = inputs / torch.tensor(multiplier, dtype=inputs.dtype)
         if kv is None:
             out = decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs)
             return out.last_hidden_state
@@ -366,7 +397,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             tokens = self.token_decoder_inputs(grid[rows_all, row_blocks, : int(phase.max())])
             last = self.run_token_decoder(prefix, tokens, kv=cache.token)[rows_all, phase]
             if logits_to_keep == 1:
-                return BlockTransformerCausalLMOutput(logits=self.lm_head(last).unsqueeze(1), past_key_values=cache)
+                return BlockTransformerCausalLMOutput(logits=self.logits(last).unsqueeze(1), past_key_values=cache)
 
         # Token decoder on every block a row reaches: its complete blocks plus the current (partial) one.
         reached = row_blocks.view(batch, 1) >= torch.arange(n_slots, device=device)
@@ -384,8 +415,8 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         if logits_to_keep:
             token_index = token_index[:, -logits_to_keep:]
         states = torch.gather(predictions, 1, token_index.unsqueeze(-1).expand(-1, -1, predictions.shape[-1]))
-        logits = self.lm_head(states)
-        first_token_logits = self.lm_head(predictions[:, 0])
+        logits = self.logits(states)
+        first_token_logits = self.logits(predictions[:, 0])
 
         loss = None
         if labels is not None:
@@ -437,7 +468,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
                 self.token_decoder, inputs, write_at.unsqueeze(1), cache.token, rows, write_at
             )[:, -1]
         cache.num_tokens += 1
-        return BlockTransformerCausalLMOutput(logits=self.lm_head(hidden).unsqueeze(1), past_key_values=cache)
+        return BlockTransformerCausalLMOutput(logits=self.logits(hidden).unsqueeze(1), past_key_values=cache)
 
     @staticmethod
     def loss(

@@ -1,0 +1,202 @@
+"""Find where a source keeps its pieces, and measure the arithmetic around its layer stack.
+
+Conversion needs, for any decoder-only family: the decoder-layer list, the final norm, the input
+embedding, and the scalars that sit around the layers in the family's own code — what the embedding
+path multiplies token embeddings by (Gemma's √d), what the base model does to ``inputs_embeds``,
+what position signal it adds before layer 0 (learned tables, with any offset), and how the causal-LM
+head turns the final state into logits (logit scaling, soft-capping). The structure is read from the
+module tree (the layer class named in ``_no_split_modules``, the modules beside the layer stack); the
+scalars are measured with hooks on a tiny input, so nothing is assumed from a family's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from ..errors import ConversionError
+from .families import Family, family_for
+
+# Layer kinds that are attention over the residual stream; any other kind is a recurrent/hybrid layer.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention"}
+SOFTCAP_ATTRS = ("final_logit_softcapping", "output_logit_soft_cap")
+_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Dotted paths inside the family's base model."""
+
+    layers: str
+    embedding: str
+    final_norm: str | None
+    position_embedding: str | None
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The scalars around the layer stack: layer 0 sees ``embedding_multiplier·E[x] + P[pos]``."""
+
+    embedding_multiplier: float
+    decoder_input_multiplier: float  # what the base model multiplies ``inputs_embeds`` by
+    logit_scale: float
+    final_logit_softcapping: float | None
+
+
+def check_architecture(config: PretrainedConfig) -> Family:
+    """Refuse what is not a decoder-only attention LM, from the config alone (before any weights)."""
+    model_type = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConversionError(f"cannot convert {model_type!r}: an encoder-decoder model; only decoder-only LMs convert.")
+    sub_configs = set(getattr(type(config), "sub_configs", None) or {})
+    if sub_configs & {"vision_config", "audio_config", "audio_encoder_config", "vision_encoder_config"}:
+        raise ConversionError(
+            f"cannot convert {model_type!r}: a multimodal model; convert its text model instead "
+            "(load it with AutoModelForCausalLM and save the language model alone)."
+        )
+    family = family_for(model_type)
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    other = sorted(layer_types - ATTENTION_LAYER_TYPES)
+    if other:
+        raise ConversionError(
+            f"cannot convert {model_type!r}: a hybrid model with {', '.join(other)} layers; only attention "
+            "layers have a block-level equivalent."
+        )
+    return family
+
+
+def find_structure(source: PreTrainedModel, family: Family) -> Structure:
+    """Locate the decoder layers, input embedding, final norm and position table in the base model."""
+    base = source.base_model
+    embedding = _path_of(base, base.get_input_embeddings())
+    layers = family.layers or _find_layers(source)
+    if layers.startswith("encoder."):
+        raise ConversionError(
+            f"cannot convert {source.config.model_type!r}: an encoder stack (BERT-style) used as a decoder, "
+            "not a decoder-only LM."
+        )
+    parent_path, _, _ = layers.rpartition(".")
+    parent = base.get_submodule(parent_path) if parent_path else base
+    prefix = f"{parent_path}." if parent_path else ""
+    tables, norms = [], []
+    for name, child in parent.named_children():
+        path = prefix + name
+        if path in (layers, embedding) or not any(True for _ in child.parameters()):
+            continue
+        if isinstance(child, nn.Embedding):
+            tables.append(path)
+        elif "norm" in type(child).__name__.lower() or "norm" in name.lower():
+            norms.append(path)
+    final_norm = family.final_norm or _one_or_none(norms, "final norm", source)
+    position_embedding = family.position_embedding or _one_or_none(tables, "position table", source)
+    return Structure(layers=layers, embedding=embedding, final_norm=final_norm, position_embedding=position_embedding)
+
+
+def _find_layers(source: PreTrainedModel) -> str:
+    n = source.config.num_hidden_layers
+    layer_classes = set(getattr(source, "_no_split_modules", None) or [])
+    lists = [
+        (name, module)
+        for name, module in source.base_model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == n and name
+    ]
+    named = [name for name, module in lists if type(module[0]).__name__ in layer_classes]
+    found = named or [name for name, _ in lists]
+    if len(found) != 1:
+        raise ConversionError(
+            f"could not find the decoder-layer list of {type(source).__name__} (candidates: {found or 'none'}): "
+            "add `layers: <path>` for this model type to block_transformer/convert/families.yaml."
+        )
+    return found[0]
+
+
+def _one_or_none(paths: list[str], what: str, source: PreTrainedModel) -> str | None:
+    if len(paths) > 1:
+        raise ConversionError(
+            f"{type(source).__name__} has several candidates for its {what} ({', '.join(paths)}): name it in "
+            "block_transformer/convert/families.yaml."
+        )
+    return paths[0] if paths else None
+
+
+def _path_of(parent: nn.Module, child: nn.Module) -> str:
+    for name, module in parent.named_modules():
+        if module is child:
+            return name
+    raise ConversionError(f"{type(parent).__name__}'s input embedding is not one of its modules.")
+
+
+class LayerInputs:
+    """Captures the hidden states a layer receives (forward pre-hook), for the probes."""
+
+    def __init__(self, layer: nn.Module):
+        self.seen: list[torch.Tensor] = []
+        self._handle = layer.register_forward_pre_hook(self._capture, with_kwargs=True)
+
+    def _capture(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.seen.append(hidden.detach().clone())
+
+    def take(self) -> torch.Tensor:
+        seen, self.seen = self.seen, []
+        return seen[0]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@torch.no_grad()
+def position_signal(base: PreTrainedModel, layers: nn.ModuleList, positions: torch.Tensor, dim: int, dtype) -> torch.Tensor:
+    """What the base model adds to ``inputs_embeds`` before layer 0 at ``positions`` ([1, T] -> [T, D])."""
+    hook = LayerInputs(layers[0])
+    try:
+        base(inputs_embeds=torch.zeros(1, positions.shape[1], dim, dtype=dtype), position_ids=positions, use_cache=False)
+        return hook.take()[0]
+    finally:
+        hook.close()
+
+
+@torch.no_grad()
+def measure_arithmetic(source: PreTrainedModel, structure: Structure) -> Arithmetic:
+    """Measure the scalars of :class:`Arithmetic` on the source with hooks (eval mode, a few tokens)."""
+    base = source.base_model
+    layers = base.get_submodule(structure.layers)
+    embed = base.get_input_embeddings().weight
+    dim, dtype = embed.shape[1], embed.dtype
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, embed.shape[0], (1, 6), generator=generator)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    added = position_signal(base, layers, positions, dim, dtype)
+    hook = LayerInputs(layers[0])
+    try:
+        probe = torch.randn(1, ids.shape[1], dim, generator=generator).to(dtype)
+        base(inputs_embeds=probe, position_ids=positions, use_cache=False)
+        decoder_input = _fit_scale(hook.take()[0] - added, probe[0], "inputs_embeds", source)
+        final = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        embedding = _fit_scale(hook.take()[0] - added, embed[ids[0]], "token embeddings", source)
+    finally:
+        hook.close()
+    logits = source(input_ids=ids, position_ids=positions, use_cache=False).logits[0].float()
+    head = source.get_output_embeddings()
+    raw = head(final)[0].float()
+    softcap = next((getattr(source.config, a) for a in SOFTCAP_ATTRS if getattr(source.config, a, None)), None)
+    if softcap:
+        logits = torch.atanh((logits / softcap).clamp(-1 + 1e-7, 1 - 1e-7)) * softcap
+    logit_scale = _fit_scale(logits, raw, "logits", source)
+    return Arithmetic(embedding, decoder_input, logit_scale, float(softcap) if softcap else None)
+
+
+def _fit_scale(observed: torch.Tensor, given: torch.Tensor, what: str, source: PreTrainedModel) -> float:
+    """The scalar c with observed = c · given, or an error if no scalar explains the relation."""
+    observed, given = observed.double(), given.double()
+    scale = float((observed * given).sum() / (given * given).sum())
+    error = float((observed - scale * given).norm() / observed.norm().clamp(min=1e-12))
+    if error > 1e-2:
+        raise ConversionError(
+            f"{type(source).__name__} transforms its {what} in a way conversion cannot reproduce "
+            f"(not a scalar multiple: relative error {error:.2g})."
+        )
+    return 1.0 if abs(scale - 1.0) < _TOLERANCE else scale
