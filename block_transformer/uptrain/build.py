@@ -11,9 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..convert.families import Family, family_for
 from ..convert.sources import Source
-from ..errors import BlockTransformerError
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
 from .recipe import Recipe, RecipeError
 
@@ -55,8 +53,9 @@ def load_teacher(source: Source) -> nn.Module:
     return teacher.eval()
 
 
-def decoder_layers(decoder: nn.Module, family: Family) -> nn.ModuleList:
-    return getattr(decoder, family.layers)
+def decoder_layers(decoder: nn.Module, path: str) -> nn.ModuleList:
+    """The decoder-layer list at ``path`` (``config.decoder_layers``, found by conversion) of a base model."""
+    return decoder.get_submodule(path)
 
 
 def apply_lora(model: BlockTransformerForCausalLM, recipe: Recipe) -> nn.Module:
@@ -152,10 +151,3 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         if is_new(base_name(name)) or "lora_" in name:
             counts["new"] += n
     return counts
-
-
-def family_of(model: BlockTransformerForCausalLM) -> Family:
-    try:
-        return family_for(model.config.block_decoder_config.model_type)
-    except BlockTransformerError as err:
-        raise RecipeError(str(err)) from err

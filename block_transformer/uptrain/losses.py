@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import BlockTransformerForCausalLM
-from .build import decoder_layers, family_of
+from .build import decoder_layers
 from .data import IGNORE
 from .recipe import DistillSection
 
@@ -67,11 +67,11 @@ class RecoveryLoss:
         self.teacher = teacher
         cfg = student.config
         self.block_len, self.num_prefix = cfg.block_len, cfg.num_prefix_tokens
-        family = family_of(student)
-        self.student_layers = {j: decoder_layers(student.token_decoder, family)[j - 1] for j in hidden_layers}
+        path = cfg.decoder_layers
+        self.student_layers = {j: decoder_layers(student.token_decoder, path)[j - 1] for j in hidden_layers}
         split_at = cfg.block_decoder_config.num_hidden_layers
         self.teacher_layers = {} if teacher is None else {
-            j: decoder_layers(teacher.base_model, family)[split_at + j - 1] for j in hidden_layers
+            j: decoder_layers(teacher.base_model, path)[split_at + j - 1] for j in hidden_layers
         }
 
     def normalisers(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
