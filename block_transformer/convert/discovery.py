@@ -52,7 +52,7 @@ def check_architecture(config: PretrainedConfig) -> Family:
     if getattr(config, "is_encoder_decoder", False):
         raise ConversionError(f"cannot convert {model_type!r}: an encoder-decoder model; only decoder-only LMs convert.")
     sub_configs = set(getattr(type(config), "sub_configs", None) or {})
-    if sub_configs & {"vision_config", "audio_config", "audio_encoder_config", "vision_encoder_config"}:
+    if sub_configs & {"text_config", "vision_config", "audio_config", "audio_encoder_config"}:
         raise ConversionError(
             f"cannot convert {model_type!r}: a multimodal model; convert its text model instead "
             "(load it with AutoModelForCausalLM and save the language model alone)."
@@ -62,8 +62,8 @@ def check_architecture(config: PretrainedConfig) -> Family:
     other = sorted(layer_types - ATTENTION_LAYER_TYPES)
     if other:
         raise ConversionError(
-            f"cannot convert {model_type!r}: a hybrid model with {', '.join(other)} layers; only attention "
-            "layers have a block-level equivalent."
+            f"cannot convert {model_type!r}: it has {', '.join(other)} layers; only full and sliding-window "
+            "attention layers have a block-level equivalent so far."
         )
     return family
 

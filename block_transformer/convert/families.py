@@ -30,6 +30,7 @@ class Family(BaseModel):
     final_norm: str | None = None
     position_embedding: str | None = None
     layer_index_attrs: tuple[str, ...] = ()
+    layer_threshold_attrs: tuple[str, ...] = ()
     refuse: str | None = None
 
 
@@ -56,10 +57,20 @@ def parse_families(raw: dict) -> dict[str, Family]:
     table[DEFAULT_ENTRY] = default
     if not default.separators:
         raise ConversionError("families.yaml: the default entry needs separators.")
-    return {
-        key: family if family.separators else family.model_copy(update={"separators": default.separators})
-        for key, family in table.items()
-    }
+    return {key: _with_defaults(family, default) for key, family in table.items()}
+
+
+def _with_defaults(family: Family, default: Family) -> Family:
+    """Separators fall back to the default's; layer-index field lists add to the default's."""
+    if family is default:
+        return family
+    return family.model_copy(
+        update={
+            "separators": family.separators or default.separators,
+            "layer_index_attrs": tuple(dict.fromkeys(default.layer_index_attrs + family.layer_index_attrs)),
+            "layer_threshold_attrs": tuple(dict.fromkeys(default.layer_threshold_attrs + family.layer_threshold_attrs)),
+        }
+    )
 
 
 @cache

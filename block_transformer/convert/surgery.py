@@ -113,7 +113,7 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) 
     """The source config for a run of its layers: per-layer settings follow each layer to its new index.
 
     Any list with one entry per source layer (``layer_types``, per-layer windows or RoPE flags, ...) is
-    sliced; fields holding absolute layer indices (named in the family's descriptor) are shifted.
+    sliced; fields holding absolute layer indices or thresholds (named in ``families.yaml``) are shifted.
     """
     cfg = copy.deepcopy(source_config)
     total = source_config.num_hidden_layers
@@ -122,8 +122,11 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) 
         if isinstance(current, (list, tuple)) and len(current) == total and name not in family.layer_index_attrs:
             setattr(cfg, name, type(current)(current[i] for i in layers))
     for name in family.layer_index_attrs:
-        indices = getattr(cfg, name, None) or []
-        setattr(cfg, name, [i - layers.start for i in indices if i in layers])
+        if getattr(cfg, name, None) is not None:
+            setattr(cfg, name, [i - layers.start for i in getattr(cfg, name) if i in layers])
+    for name in family.layer_threshold_attrs:
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, getattr(cfg, name) - layers.start)
     cfg.num_hidden_layers = len(layers)
     cfg.architectures = None
     # Weights are saved dequantised: a GGUF source's quantization_config must not travel along.

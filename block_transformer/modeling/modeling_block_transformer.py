@@ -130,11 +130,11 @@ class DecoderKV:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
-        if layer_idx == len(self.keys):
-            shape = (self.batch_size, key.shape[1], self.capacity or self._kv_len, key.shape[-1])
-            self.keys.append(key.new_zeros(shape))
-            self.values.append(value.new_zeros(shape))
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == len(self.keys):  # keys and values may differ in head size (multi-head latent attention)
+            slots = self.capacity or self._kv_len
+            self.keys.append(key.new_zeros(self.batch_size, key.shape[1], slots, key.shape[-1]))
+            self.values.append(value.new_zeros(self.batch_size, value.shape[1], slots, value.shape[-1]))
         if self._kv_len > self.keys[layer_idx].shape[2]:
             grow = max(self._kv_len, 2 * self.keys[layer_idx].shape[2]) - self.keys[layer_idx].shape[2]
             for buffers in (self.keys, self.values):
