@@ -55,13 +55,15 @@ Examples:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--separator", default=None, help="Document-separator token [default: the family's pretraining one].")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--check", "check", is_flag=True,
+              help="Prove the surgery on the real source: the moved layers, norm and head reproduce its logits.")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
               help="Then publish OUTPUT to this hub repo (as bt-push does).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @_friendly_errors
 def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, revision, separator, overwrite,
-                push_to_hub, private, verbose):
+                check, push_to_hub, private, verbose):
     """Convert SOURCE (hub id, local HF folder or .gguf file) into a Block Transformer folder.
 
     The lower A layers become the block decoder (global attention over blocks of L_B tokens), the
@@ -89,6 +91,7 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
         dtype=getattr(torch, dtype) if dtype else None,
         revision=revision,
         separator=separator,
+        check=check,
     )
     log.info("converted %s in %.1f s; saving", src.name, time.perf_counter() - started)
     save_model_folder(model, tokenizer, output, overwrite=overwrite)

@@ -8,6 +8,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from .. import __version__
+from . import probe
 from ..errors import ConversionError
 from ..modeling import BlockTransformerForCausalLM
 from .discovery import find_structure, measure_arithmetic
@@ -28,8 +29,13 @@ def convert(
     dtype: torch.dtype | None = None,
     revision: str | None = None,
     separator: str | None = None,
+    check: bool = False,
 ):
-    """Convert a hub id, local folder or .gguf file. Returns (model, tokenizer, source)."""
+    """Convert a hub id, local folder or .gguf file. Returns (model, tokenizer, source).
+
+    ``check`` runs the numerical probe (:mod:`block_transformer.convert.probe`) on the real source
+    and records its figures in ``config.conversion["probe"]``; a failed probe is an error.
+    """
     src = resolve_source(source, revision=revision)
     check_conversion(src.config, split, block_len, num_prefix_tokens)
     logger.info("loading %s (%s)", src.name, src.kind)
@@ -44,6 +50,14 @@ def convert(
         separator_id=resolve_separator(tokenizer, source_model.config.model_type, separator),
         source_info={"source": src.name, "source_kind": src.kind, "revision": src.revision, **src.metadata},
     )
+    if check:
+        report = probe.check(source_model, model)
+        model.config.conversion = {**model.config.conversion, "probe": report.as_dict()}
+        logger.info(
+            "probe passed: first-layer inputs within %.1e, upper-layer logits within %.1e of the source",
+            report.input_error,
+            report.logits_error,
+        )
     return model, tokenizer, src
 
 

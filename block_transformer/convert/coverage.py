@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..errors import BlockTransformerError, first_line
 from .convert import convert_model
 from .discovery import check_architecture, find_structure
+from .families import family_for
 from .probe import probe
 from .surgery import Split
 
@@ -33,7 +34,8 @@ _TINY = dict(
     n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     n_group=1, topk_group=1, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, rotary_dim=8,
 )
-_MLA = dict(head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+_PER_FAMILY = {"gpt_neo": dict(attention_types=[[["global", "local"], 2]], num_layers=4, window_size=2)}
+_MLA = dict(num_key_value_heads=4, head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
 _DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout",
              "embedding_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_first_dropout")
 
@@ -46,8 +48,9 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     """The library's own config for ``model_type``, shrunk (fields it lacks are left alone)."""
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class()
-    shrink = {**_TINY, **(_MLA if hasattr(defaults, "kv_lora_rank") else {}), **overrides}
-    fields = {k: v for k, v in shrink.items() if _settable(defaults, k)}
+    mla = _MLA if _settable(defaults, "kv_lora_rank") else {}
+    shrink = {**_TINY, **mla, **_PER_FAMILY.get(model_type, {}), **overrides}
+    fields = {k: v for k, v in shrink.items() if _settable(defaults, k) or k in _PER_FAMILY.get(model_type, {})}
     fields.update({k: 0.0 for k in _DROPOUTS if isinstance(getattr(defaults, k, None), float)})
     return config_class(**fields)
 
@@ -98,6 +101,11 @@ class FamilyResult:
 def check_family(model_type: str, *, reload: bool = True) -> FamilyResult:
     """Convert a tiny random ``model_type`` and run every check; never raises."""
     result = FamilyResult(model_type)
+    try:
+        family_for(model_type)  # refusals that need no config
+    except BlockTransformerError as err:
+        result.refused = str(err)
+        return result
     try:
         config = tiny_config(model_type)
     except Exception as err:  # noqa: BLE001 - the library cannot build this config in a small size
@@ -161,10 +169,10 @@ def exact_copies(source: torch.nn.Module, model) -> bool:
 
 
 @torch.no_grad()
-def batch_generates_alone(model, new_tokens: int = 7) -> bool:
+def batch_generates_alone(model, new_tokens: int = 10) -> bool:
     """Greedy, cached: a left-padded batch of ragged prompts equals each prompt generated alone."""
     generator = torch.Generator().manual_seed(1)
-    lengths = [9, 4, 6]
+    lengths = [9, 4, 6, 11, 5]
     prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=generator) for n in lengths]
     width = max(lengths)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)

@@ -11,6 +11,7 @@ scalars are measured with hooks on a tiny input, so nothing is assumed from a fa
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,11 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
     """Locate the decoder layers, input embedding, final norm and position table in the base model."""
     base = source.base_model
     embedding = _path_of(base, base.get_input_embeddings())
+    forward_args = inspect.signature(base.forward).parameters
+    if not {"cache", "past_key_values", "layer_past"} & set(forward_args):
+        raise ConversionError(
+            f"cannot convert {source.config.model_type!r}: the family has no KV cache, which cached block decoding needs."
+        )
     layers = family.layers or _find_layers(source)
     if layers.startswith("encoder."):
         raise ConversionError(
@@ -173,7 +179,7 @@ def measure_arithmetic(source: PreTrainedModel, structure: Structure) -> Arithme
     hook = LayerInputs(layers[0])
     try:
         probe = torch.randn(1, ids.shape[1], dim, generator=generator).to(dtype)
-        base(inputs_embeds=probe, position_ids=positions, use_cache=False)
+        base(inputs_embeds=probe.clone(), position_ids=positions, use_cache=False)  # some scale it in place
         decoder_input = _fit_scale(hook.take()[0] - added, probe[0], "inputs_embeds", source)
         final = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         embedding = _fit_scale(hook.take()[0] - added, embed[ids[0]], "token embeddings", source)

@@ -31,6 +31,7 @@ class Family(BaseModel):
     position_embedding: str | None = None
     layer_index_attrs: tuple[str, ...] = ()
     layer_threshold_attrs: tuple[str, ...] = ()
+    depth_scaled_attrs: dict[str, float] = {}
     refuse: str | None = None
 
 

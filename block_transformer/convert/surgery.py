@@ -93,9 +93,9 @@ def build_config(
         lm_head_bias=lm_head_bias,
         separate_token_embeddings=conversion["init"] == "sink",
         tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=source_config.pad_token_id,
-        bos_token_id=source_config.bos_token_id,
-        eos_token_id=source_config.eos_token_id,
+        pad_token_id=getattr(source_config, "pad_token_id", None),
+        bos_token_id=getattr(source_config, "bos_token_id", None),
+        eos_token_id=getattr(source_config, "eos_token_id", None),
         conversion=conversion,
     )
 
@@ -124,6 +124,8 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) 
     for name in family.layer_index_attrs:
         if getattr(cfg, name, None) is not None:
             setattr(cfg, name, [i - layers.start for i in getattr(cfg, name) if i in layers])
+    for name, exponent in family.depth_scaled_attrs.items():
+        setattr(cfg, name, getattr(cfg, name) * (len(layers) / total) ** exponent)
     for name in family.layer_threshold_attrs:
         if isinstance(getattr(cfg, name, None), int):
             setattr(cfg, name, getattr(cfg, name) - layers.start)

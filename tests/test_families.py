@@ -1,0 +1,155 @@
+"""Architecture coverage: descriptors as validated data, discovery, the probe, refusals with a reason.
+
+The whole causal-LM mapping is swept by ``benchmarks/coverage.py``; here a representative subset runs
+the same checks (convert → exact copies → probe → padded batch generates alone → reload), plus every
+family whose arithmetic is special.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from block_transformer.cli import convert_cmd
+from block_transformer.convert import Split
+from block_transformer.convert.convert import convert_model
+from block_transformer.convert.coverage import check_family, tiny_config, tiny_source
+from block_transformer.convert.families import families, parse_families
+from block_transformer.convert.probe import probe
+from block_transformer.convert.surgery import check_conversion
+from block_transformer.errors import ConversionError
+from conftest import assert_one_line_error, tiny_tokenizer
+
+# What each family brings that another does not (why it is in the subset).
+SUBSET = {
+    "gemma": "input embeddings scaled by sqrt(D)",
+    "gemma2": "final-logit soft-capping, alternating sliding/global layers",
+    "gemma3_text": "scaled embedding module, layer_types, QK-norm",
+    "cohere": "logit scale, parallel attention/MLP",
+    "granite": "embedding, residual and logit multipliers",
+    "phi": "partial rotary, parallel residual, LM head with a bias",
+    "phi3": "fused QKV and gate/up projections",
+    "opt": "learned positions with an offset, layers nested in .decoder",
+    "gpt_bigcode": "multi-query attention, learned positions",
+    "qwen3": "QK-norm",
+    "olmo2": "post-norm residuals",
+    "smollm3": "layers without RoPE (per-layer list)",
+    "mixtral": "mixture of experts",
+    "qwen2_moe": "MoE with a shared expert",
+    "deepseek_v3": "multi-head latent attention, dense first layers (threshold shifted)",
+    "deepseek_v2": "MLA whose values are narrower than its keys (cache regression)",
+    "ctrl": "scales inputs_embeds in place inside the base model (measurement regression)",
+    "codegen": "config without pad_token_id (regression)",
+    "minicpm3": "residual scale depends on the layer count (a families.yaml entry)",
+    "gpt_neo": "per-layer global/local attention list",
+    "starcoder2": "sliding window, biases",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(SUBSET))
+def test_family_converts_and_passes_every_check(model_type):
+    result = check_family(model_type)
+    assert result.refused is None and result.failure is None, result
+    assert result.converts and result.exact_copies and result.generate and result.reloads, result
+    assert result.probe, result.details
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("bart", "encoder-decoder"),
+        ("gemma3", "multimodal"),
+        ("qwen3_next", "linear_attention layers"),
+        ("mamba2", "state-space"),
+        ("bert", "encoder stack"),
+        ("openai-gpt", "no KV cache"),
+        ("diffllama", "absolute depth"),
+    ],
+)
+def test_refused_families_say_why(model_type, reason):
+    result = check_family(model_type, reload=False)
+    assert result.refused and reason in result.refused, result
+    assert "\n" not in result.refused
+
+
+def test_a_refused_family_is_refused_from_its_config_alone():
+    with pytest.raises(ConversionError, match="encoder-decoder"):
+        check_conversion(tiny_config("bart"), Split(2, 2), 3, 2)
+
+
+def test_descriptor_typo_is_an_error_that_names_it():
+    raw = {"default": {"separators": ["eos"]}, "mine": {"model_types": ["x"], "layrs": "h"}}
+    with pytest.raises(ConversionError, match="'mine': layrs"):
+        parse_families(raw)
+    with pytest.raises(ConversionError, match="listed twice"):
+        parse_families({"default": {"separators": ["eos"]}, "a": {"model_types": ["x"]}, "b": {"model_types": ["x"]}})
+
+
+def test_shipped_descriptors_inherit_the_defaults():
+    table = families()
+    assert table["gpt2"].separators == ("<|endoftext|>", "eos")
+    assert table["minicpm3"].separators == table["default"].separators
+    assert "first_k_dense_replace" in table["minicpm3"].layer_threshold_attrs
+    assert all(f.refuse is None or f.refuse.strip() for f in table.values())
+
+
+def _converted(model_type: str):
+    source = tiny_source(tiny_config(model_type))
+    return source, convert_model(source, Split(2, 2), 3, separator_id=0)
+
+
+def test_probe_catches_a_lost_embedding_multiplier():
+    """Exact copies hold either way; only the probe sees Gemma's sqrt(D) go missing."""
+    source, model = _converted("gemma")
+    assert model.config.embedding_multiplier == pytest.approx(model.config.hidden_size**0.5, rel=1e-3)
+    assert probe(source, model).passed
+    model.config.embedding_multiplier = 1.0
+    report = probe(source, model)
+    assert not report.passed and report.input_error > 0.5
+
+
+def test_probe_catches_a_lost_logit_softcap():
+    source, model = _converted("gemma2")
+    assert model.config.final_logit_softcapping == source.config.final_logit_softcapping
+    model.config.final_logit_softcapping = None
+    source.config.final_logit_softcapping = 0.5  # make the cap bite on a random model's small logits
+    assert not probe(source, model).passed
+
+
+def test_sliding_layers_keep_their_window_in_tokens():
+    """gemma2 alternates sliding and global layers: only sliding layers get ceil(W / L_B) in the block decoder."""
+    _, model = _converted("gemma2")
+    block = model.config.block_decoder_config
+    assert block.layer_types == tiny_config("gemma2").layer_types[:2]
+    assert block.sliding_window == 3  # ceil(8 / 3)
+    assert model.config.token_decoder_config.sliding_window == 8
+
+
+def test_bt_convert_check_records_the_probe(tmp_path):
+    source = tmp_path / "src"
+    tiny_source(tiny_config("gemma")).save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(convert_cmd, [str(source), "--block-len", "3", "--split", "2/2", "-o", str(out), "--check"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "config.json").read_text())["conversion"]["probe"]
+    assert recorded["passed"] and recorded["logits_error"] <= recorded["tolerance"]
+
+
+def test_bt_convert_refuses_a_hybrid_with_one_line(tmp_path):
+    source = tmp_path / "src"
+    tiny_config("qwen3_next").save_pretrained(source)
+    result = CliRunner().invoke(convert_cmd, [str(source), "--block-len", "3", "--split", "2/2", "-o", str(tmp_path / "o")])
+    assert_one_line_error(result, "linear_attention")
+    assert not (tmp_path / "o").exists()
+
+
+@torch.no_grad()
+def test_embedding_multiplier_feeds_embedder_and_token_decoder():
+    _, model = _converted("gemma")
+    ids = torch.tensor([[5, 6, 7]])
+    scaled = model.embed_tokens(ids) * model.config.embedding_multiplier
+    torch.testing.assert_close(model.token_embeddings(ids), scaled)
