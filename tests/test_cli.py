@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, OPTConfig
+from transformers import AutoModelForCausalLM, BartConfig
 
 from block_transformer.cli import convert_cmd
 from block_transformer.convert import Split
@@ -76,10 +76,10 @@ def test_bad_parameters(gpt2_folder, tmp_path, args, fragments):
 
 
 def test_unsupported_architecture(tmp_path):
-    src = tmp_path / "opt"
-    OPTConfig(hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=2).save_pretrained(src)
+    src = tmp_path / "bart"
+    BartConfig(d_model=16, encoder_layers=2, decoder_layers=2, vocab_size=64).save_pretrained(src)
     result = run(src, "--block-len", 4, "--split", "1/1", "-o", tmp_path / "out")
-    assert_one_line_error(result, "unsupported architecture 'opt'", "gpt2", "llama", "gpt_neox")
+    assert_one_line_error(result, "cannot convert 'bart'", "encoder-decoder")
     assert not (tmp_path / "out").exists()
 
 

@@ -34,7 +34,15 @@ _TINY = dict(
     n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     n_group=1, topk_group=1, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, rotary_dim=8,
 )
-_PER_FAMILY = {"gpt_neo": dict(attention_types=[[["global", "local"], 2]], num_layers=4, window_size=2)}
+# Where the library's defaults cannot be shrunk field by field (nested configs, validators).
+_PER_FAMILY = {
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]], num_layers=4, window_size=2),
+    "dbrx": dict(
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # DBRX checkpoints clip QKV
+        ffn_config={"hidden_size": 64, "ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
+    ),
+    "zaya": dict(num_experts_per_tok=1),
+}
 _MLA = dict(num_key_value_heads=4, head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
 _DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout",
              "embedding_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_first_dropout")
