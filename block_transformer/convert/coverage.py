@@ -17,7 +17,7 @@ import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from ..errors import BlockTransformerError, first_line
+from ..errors import BlockTransformerError, Refused, first_line
 from .convert import convert_model
 from .discovery import check_architecture, find_structure
 from .families import family_for
@@ -98,6 +98,7 @@ class FamilyResult:
     generate: bool = False
     reloads: bool = False
     refused: str | None = None  # the one-line reason a family is refused by design
+    refused_kind: str | None = None  # not_decoder_only | recurrent | unsupported
     failure: str | None = None  # where an accepted family failed (a bug, not a design decision)
     details: dict = field(default_factory=dict)
 
@@ -111,8 +112,8 @@ def check_family(model_type: str, *, reload: bool = True) -> FamilyResult:
     result = FamilyResult(model_type)
     try:
         family_for(model_type)  # refusals that need no config
-    except BlockTransformerError as err:
-        result.refused = str(err)
+    except Refused as err:
+        result.refused, result.refused_kind = str(err), err.kind
         return result
     try:
         config = tiny_config(model_type)
@@ -121,8 +122,8 @@ def check_family(model_type: str, *, reload: bool = True) -> FamilyResult:
         return result
     try:
         check_architecture(config)
-    except BlockTransformerError as err:
-        result.refused = str(err)
+    except Refused as err:
+        result.refused, result.refused_kind = str(err), err.kind
         return result
     stage = "source"
     try:
@@ -140,11 +141,10 @@ def check_family(model_type: str, *, reload: bool = True) -> FamilyResult:
         result.generate = batch_generates_alone(model)
         stage = "reload"
         result.reloads = reloads_identically(model) if reload else True
+    except Refused as err:
+        result.refused, result.refused_kind = str(err), err.kind
     except BlockTransformerError as err:
-        if stage == "convert" and not result.converts and "cannot convert" in str(err):
-            result.refused = str(err)
-        else:
-            result.failure = f"{stage}: {first_line(err)}"
+        result.failure = f"{stage}: {first_line(err)}"
     except Exception as err:  # noqa: BLE001 - a report, not a crash: record where it broke
         frame = traceback.extract_tb(err.__traceback__)[-1]
         result.failure = f"{stage}: {type(err).__name__}: {first_line(err)[:160]} ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})"

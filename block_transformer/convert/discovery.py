@@ -18,11 +18,13 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..errors import ConversionError
+from ..errors import ConversionError, Refused
 from .families import Family, family_for
 
 # Layer kinds that are attention over the residual stream; any other kind is a recurrent/hybrid layer.
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention"}
+RECURRENT_LAYER_TYPES = {"linear_attention", "mamba", "conv", "hybrid", "recurrent", "rwkv"}
+NOT_LM = "not_decoder_only"
 SOFTCAP_ATTRS = ("final_logit_softcapping", "output_logit_soft_cap")
 _TOLERANCE = 1e-4
 
@@ -51,20 +53,22 @@ def check_architecture(config: PretrainedConfig) -> Family:
     """Refuse what is not a decoder-only attention LM, from the config alone (before any weights)."""
     model_type = config.model_type
     if getattr(config, "is_encoder_decoder", False):
-        raise ConversionError(f"cannot convert {model_type!r}: an encoder-decoder model; only decoder-only LMs convert.")
+        raise Refused(f"cannot convert {model_type!r}: an encoder-decoder model; only decoder-only LMs convert.", NOT_LM)
     sub_configs = set(getattr(type(config), "sub_configs", None) or {})
     if sub_configs & {"text_config", "vision_config", "audio_config", "audio_encoder_config"}:
-        raise ConversionError(
+        raise Refused(
             f"cannot convert {model_type!r}: a multimodal model; convert its text model instead "
-            "(load it with AutoModelForCausalLM and save the language model alone)."
+            "(load it with AutoModelForCausalLM and save the language model alone).",
+            NOT_LM,
         )
     family = family_for(model_type)
     layer_types = set(getattr(config, "layer_types", None) or [])
     other = sorted(layer_types - ATTENTION_LAYER_TYPES)
     if other:
-        raise ConversionError(
+        raise Refused(
             f"cannot convert {model_type!r}: it has {', '.join(other)} layers; only full and sliding-window "
-            "attention layers have a block-level equivalent so far."
+            "attention layers have a block-level equivalent so far.",
+            "recurrent" if set(other) & RECURRENT_LAYER_TYPES else "unsupported",
         )
     return family
 
@@ -75,14 +79,15 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
     embedding = _path_of(base, base.get_input_embeddings())
     forward_args = inspect.signature(base.forward).parameters
     if not {"cache", "past_key_values", "layer_past"} & set(forward_args):
-        raise ConversionError(
+        raise Refused(
             f"cannot convert {source.config.model_type!r}: the family has no KV cache, which cached block decoding needs."
         )
     layers = family.layers or _find_layers(source)
     if layers.startswith("encoder."):
-        raise ConversionError(
+        raise Refused(
             f"cannot convert {source.config.model_type!r}: an encoder stack (BERT-style) used as a decoder, "
-            "not a decoder-only LM."
+            "not a decoder-only LM.",
+            NOT_LM,
         )
     parent_path, _, _ = layers.rpartition(".")
     parent = base.get_submodule(parent_path) if parent_path else base

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ConversionError
+from ..errors import ConversionError, Refused
 
 DEFAULT_ENTRY = "default"
 
@@ -33,6 +34,7 @@ class Family(BaseModel):
     layer_threshold_attrs: tuple[str, ...] = ()
     depth_scaled_attrs: dict[str, float] = {}
     refuse: str | None = None
+    refuse_kind: Literal["not_decoder_only", "recurrent", "unsupported"] = "unsupported"
 
 
 def parse_families(raw: dict) -> dict[str, Family]:
@@ -85,5 +87,5 @@ def family_for(model_type: str) -> Family:
     table = families()
     family = table.get(model_type, table[DEFAULT_ENTRY])
     if family.refuse:
-        raise ConversionError(f"cannot convert {model_type!r}: {family.refuse}.")
+        raise Refused(f"cannot convert {model_type!r}: {family.refuse}.", family.refuse_kind)
     return family
