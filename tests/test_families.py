@@ -153,3 +153,20 @@ def test_embedding_multiplier_feeds_embedder_and_token_decoder():
     ids = torch.tensor([[5, 6, 7]])
     scaled = model.embed_tokens(ids) * model.config.embedding_multiplier
     torch.testing.assert_close(model.token_embeddings(ids), scaled)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "starcoder2", "stablelm"])
+def test_converts_from_a_gguf_file_of_another_family(tmp_path, arch):
+    """Families beyond Llama convert from .gguf (dequantised by transformers), and the probe passes on it."""
+    from tiny_gguf import write_tiny_gguf
+
+    from conftest import VOCAB
+
+    source = tiny_source(tiny_config(arch, vocab_size=VOCAB, tie_word_embeddings=False))
+    path = write_tiny_gguf(source, tiny_tokenizer(), tmp_path / f"{arch}.gguf", arch)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(convert_cmd, [str(path), "--block-len", "3", "--split", "2/2", "-o", str(out), "--check"])
+    assert result.exit_code == 0, result.output
+    conversion = json.loads((out / "config.json").read_text())["conversion"]
+    assert conversion["source_kind"] == "gguf" and conversion["model_type"] == arch
+    assert conversion["probe"]["passed"]
