@@ -12,7 +12,7 @@ from . import probe
 from ..errors import ConversionError
 from ..modeling import BlockTransformerForCausalLM
 from .discovery import find_structure, measure_arithmetic
-from .families import Family, family_for
+from .families import DEFAULT_ENTRY, Family, family_for
 from .inits import DEFAULT_INIT, init_new_modules
 from .sources import Source, resolve_source
 from .surgery import Split, build_config, check_conversion, copy_source_weights, is_tied
@@ -78,7 +78,7 @@ def convert_model(
     dtype = source_model.get_input_embeddings().weight.dtype
     conversion = {
         **(source_info or {}),
-        "family": family.name,
+        "family": source_model.config.model_type if family.name == DEFAULT_ENTRY else family.name,
         "model_type": source_model.config.model_type,
         "split": [split.block, split.token],
         "init": init,
