@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling import BlockTransformerForCausalLM
+from ..modeling.modeling_block_transformer import cache_kwarg
 from .discovery import position_signal
 
 logger = logging.getLogger(__name__)
@@ -80,14 +81,17 @@ def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tup
         position_ids=torch.zeros(1, 1, dtype=torch.long),
         use_cache=True,
     )
+    prefix_cache = prefix.cache if hasattr(prefix, "cache") else prefix.past_key_values
     sink = prefix.last_hidden_state[0, 0]
     states = torch.empty_like(embed)
     for begin in tqdm(range(0, embed.shape[0], batch_size), desc="token-decoder input table", unit="batch"):
         tokens = embed[begin : begin + batch_size].unsqueeze(1) / divisor
-        cache = copy.deepcopy(prefix.past_key_values)
+        cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(tokens.shape[0])
         position = torch.ones(1, 1, dtype=torch.long)
-        out = model.block_decoder(inputs_embeds=tokens, position_ids=position, past_key_values=cache, use_cache=True)
+        out = model.block_decoder(
+            inputs_embeds=tokens, position_ids=position, use_cache=True, **{cache_kwarg(model.block_decoder): cache}
+        )
         states[begin : begin + batch_size] = out.last_hidden_state[:, 0]
     model.train(was_training)
     return sink, states

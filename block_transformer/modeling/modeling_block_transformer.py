@@ -19,6 +19,8 @@ returned separately as ``first_token_logits`` and is not part of ``loss``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -206,6 +208,16 @@ def attention_windows(sub_config) -> dict[str | None, int | None]:
     return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(layer_types)}
 
 
+@functools.cache
+def _cache_kwarg_of(decoder_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(decoder: nn.Module) -> str:
+    """The name a family's base model takes its KV cache by (transformers 5.2x renames past_key_values)."""
+    return _cache_kwarg_of(type(decoder))
+
+
 def _rows_where(selected: torch.Tensor) -> torch.Tensor | None:
     """Indices of the selected rows, or None when every row is selected (no gather needed)."""
     return None if bool(selected.all()) else selected.nonzero(as_tuple=True)[0]
@@ -304,7 +316,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             write_at = torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
         mask = kv.prepare(rows, write_at, inputs.shape[1], decoder.config._attn_implementation, inputs.dtype)
         out = decoder(
-            inputs_embeds=inputs, position_ids=positions, attention_mask=mask, past_key_values=kv, use_cache=True
+            inputs_embeds=inputs, position_ids=positions, attention_mask=mask, use_cache=True, **{cache_kwarg(decoder): kv}
         )
         return out.last_hidden_state
 
