@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-# Quoted, not measured here: the naive-init plain-CE prototype of issue 4 / DESIGN §2.7, same corpus tail.
+# Quoted, not measured here: the naive-init plain-CE prototype (reference init, plain CE), same corpus tail.
 PROTOTYPE = {"tokens": [0, 20_000, 41_000, 102_000, 164_000, 225_000], "eval_ppl": [2.7e5, 1618, 1006, 441, 305, 249]}
 
 

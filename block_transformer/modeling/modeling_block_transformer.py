@@ -43,7 +43,7 @@ class BlockTransformerCausalLMOutput(CausalLMOutputWithPast):
 
 @dataclass
 class BlockLayout:
-    """Where each row's real tokens are and how they fall into blocks (DESIGN §2.5).
+    """Where each row's real tokens are and how they fall into blocks (block-transformer docs/design.md §2).
 
     Rows are anchored at their first real token, so a left-padded row computes what it computes alone.
     """
@@ -90,7 +90,7 @@ class DecoderKV:
 
     Duck-types the part of ``transformers.Cache`` the family's attention layers use (``update``). Each call
     names the rows taking part and where their new entries go (``prepare``), because rows of a batch sit at
-    different offsets inside their current block (DESIGN §2.6). Attention masks are built here, from the
+    different offsets inside their current block (block-transformer docs/design.md §3). Attention masks are built here, from the
     slots, so the family's mask code never has to understand per-row lengths.
     """
 
