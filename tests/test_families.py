@@ -44,7 +44,6 @@ SUBSET = {
     "ctrl": "scales inputs_embeds in place inside the base model (measurement regression)",
     "codegen": "config without pad_token_id (regression)",
     "minicpm3": "residual scale depends on the layer count (a families.yaml entry)",
-    "gpt_neo": "per-layer global/local attention list",
     "starcoder2": "sliding window, biases",
 }
 
@@ -67,6 +66,7 @@ def test_family_converts_and_passes_every_check(model_type):
         ("bert", "encoder stack"),
         ("openai-gpt", "no KV cache"),
         ("diffllama", "absolute depth"),
+        ("gpt_neo", "per-row cache slots"),
     ],
 )
 def test_refused_families_say_why(model_type, reason):
