@@ -207,3 +207,21 @@ def test_block_len_one_and_long_prefix():
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 5, VOCAB) and torch.isfinite(out.loss)
     assert model.config.max_position_embeddings == 127
+
+
+def test_block_len_beyond_the_source_positions_is_refused_up_front():
+    """Regression: GPT-2 (128 positions here) failed on every forward with an IndexError after converting."""
+    with pytest.raises(ConversionError, match="needs 129 token-decoder positions, but the source has 128"):
+        convert_model(tiny_source("gpt2"), Split(2, 2), 128, separator_id=0)
+    model = convert_model(tiny_source("gpt2"), Split(2, 2), 127, separator_id=0)  # 2 + 127 - 1 = 128 fits
+    ids = torch.randint(0, VOCAB, (1, 130))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_source_auto_map_does_not_travel_into_the_decoder_configs():
+    """Regression: the source's auto_map named remote-code modules the output folder does not ship."""
+    source = tiny_source("llama")
+    source.config.auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    model = convert_model(source, Split(2, 2), BLOCK_LEN, separator_id=0)
+    for sub in (model.config.block_decoder_config, model.config.token_decoder_config):
+        assert "auto_map" not in sub.to_dict()

@@ -23,7 +23,8 @@ from .families import Family, family_for
 
 # Layer kinds that are attention over the residual stream; any other kind is a recurrent/hybrid layer.
 ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "attention"}
-RECURRENT_LAYER_TYPES = {"linear_attention", "mamba", "conv", "hybrid", "recurrent", "rwkv"}
+# "hybrid" and "hybrid_sliding" (Inkling) are attention layers with short-convolution state.
+RECURRENT_LAYER_TYPES = {"linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding", "recurrent", "rwkv"}
 NOT_LM = "not_decoder_only"
 SOFTCAP_ATTRS = ("final_logit_softcapping", "output_logit_soft_cap")
 _TOLERANCE = 1e-4

@@ -60,6 +60,13 @@ def check_conversion(config: PretrainedConfig, split: Split, block_len: int, num
     if num_prefix_tokens < 1:
         raise ConversionError(f"--prefix-tokens must be >= 1, got {num_prefix_tokens}")
     split.check(config.num_hidden_layers)
+    positions = getattr(config, "max_position_embeddings", None)
+    local = num_prefix_tokens + block_len - 1  # the token decoder's positions: prefix + block minus its last token
+    if positions is not None and local > positions:
+        raise ConversionError(
+            f"--block-len {block_len} with --prefix-tokens {num_prefix_tokens} needs {local} token-decoder positions, "
+            f"but the source has {positions}: use --block-len {positions - num_prefix_tokens + 1} or less."
+        )
     return family
 
 
@@ -131,8 +138,9 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) 
             setattr(cfg, name, getattr(cfg, name) - layers.start)
     cfg.num_hidden_layers = len(layers)
     cfg.architectures = None
-    # Weights are saved dequantised: a GGUF source's quantization_config must not travel along.
-    for name in ("quantization_config", "_model_name_or_path"):
+    # Weights are saved dequantised: a GGUF source's quantization_config must not travel along; nor may the
+    # source's auto_map, which names remote-code modules the output folder does not ship.
+    for name in ("quantization_config", "_model_name_or_path", "auto_map"):
         if name in cfg.__dict__:
             delattr(cfg, name)
     cfg.name_or_path = ""
