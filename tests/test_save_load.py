@@ -130,3 +130,26 @@ def test_saved_files_are_readable_by_others(saved):
     for path in [folder, *folder.iterdir()]:
         expected = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == expected, path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["token_decoder_config"].update(num_hidden_layers=3), "records a 2/2 conversion"),
+        (lambda c: c["conversion"].update(split=[2, 3]) or c["token_decoder_config"].update(num_hidden_layers=3),
+         "weights in this folder do not match"),
+        (lambda c: c.update(separate_token_embeddings=False), "unexpected keys"),
+        (lambda c: c.update(lm_head_bias=True), "missing keys"),
+    ],
+)
+def test_an_edited_config_refuses_to_load(saved, tmp_path, edit, message):
+    """Regression: a tampered config.json loaded with re-initialised or dropped weights and only a report."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(saved["llama"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)

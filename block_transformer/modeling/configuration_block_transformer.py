@@ -75,6 +75,13 @@ class BlockTransformerConfig(PretrainedConfig):
             raise ValueError(f"block_len must be >= 1, got {self.block_len}")
         if self.num_prefix_tokens < 1:
             raise ValueError(f"num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
+        split = (self.conversion or {}).get("split")
+        layers = [self.block_decoder_config.num_hidden_layers, self.token_decoder_config.num_hidden_layers]
+        if split is not None and list(split) != layers:
+            raise ValueError(
+                f"config.json records a {split[0]}/{split[1]} conversion but its decoders have {layers[0]} and "
+                f"{layers[1]} layers: the config was edited. Restore it or convert again."
+            )
         token_cfg = self.token_decoder_config
         if self.vocab_size is None:
             self.vocab_size = token_cfg.vocab_size

@@ -84,6 +84,24 @@ class BlockTransformerPreTrainedModel(PreTrainedModel):
         if isinstance(module, BlockTransformerForCausalLM):
             init.normal_(module.start, mean=0.0, std=self.config.initializer_range)
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """As in transformers, but a folder whose weights do not cover the model its config describes is an
+        error, not a model with silently re-initialised or dropped tensors (an edited config.json, or the
+        weights of another conversion)."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = [
+            f"{kind.replace('_', ' ')} {sorted(map(str, keys))[:4]}"
+            for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if (keys := info.get(kind))
+        ]
+        if problems:
+            raise ValueError(
+                "the weights in this folder do not match its config.json (" + "; ".join(problems) + "): the config "
+                "was edited or the weights belong to another model. Restore config.json or convert again."
+            )
+        return (model, info) if output_loading_info else model
+
 
 class DecoderKV:
     """KV buffers for the layers of one decoder: slot i holds position i, rows filled to different lengths.
