@@ -10,9 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 
 import pytest
 import torch
+
+from block_transformer.convert.coverage import tiny_source as random_source
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
-    AutoModelForCausalLM,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -41,19 +42,12 @@ FAMILIES = sorted(TINY_CONFIGS)
 
 
 def tiny_source(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A random source causal LM; dropout off so outputs are deterministic."""
-    torch.manual_seed(seed)
+    """A random source causal LM; dropout off so outputs are deterministic, norms perturbed."""
     config = TINY_CONFIGS[model_type]()
     for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
         if hasattr(config, name):
             setattr(config, name, 0.0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    # Random init leaves the norms at 1/0: perturb them so a wrongly copied norm would be caught.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    return model.eval()
+    return random_source(config, seed)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
