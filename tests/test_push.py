@@ -258,6 +258,17 @@ def test_verify_accepts_sharded_folders(tmp_path):
         export.verify_folder(folder)
 
 
+def test_verify_rejects_a_dangling_nested_auto_map(tmp_path):
+    """Regression: a source's auto_map copied into a decoder config named modules the folder never ships."""
+    model = convert_model(tiny_source("qwen2"), Split(2, 2), 4, separator_id=0)
+    folder = export.save_model_folder(model, tiny_tokenizer(), tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    config["token_decoder_config"]["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(export.ExportError, match="token_decoder_config has an auto_map"):
+        export.verify_folder(folder)
+
+
 def test_unreachable_hub_fails_fast_and_keeps_the_folder(saved, tmp_path):
     before = snapshot(saved)
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN,

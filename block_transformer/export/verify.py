@@ -78,6 +78,9 @@ def _check_config(folder: Path, problems: list[str]) -> PretrainedConfig | None:
             ast.parse(code.read_text(encoding="utf-8"))
         except SyntaxError as err:
             problems.append(f"{code.name} does not parse (line {err.lineno})")
+    for name, value in raw.items():  # a nested auto_map names remote code that never ships with this folder
+        if isinstance(value, dict) and "auto_map" in value:
+            problems.append(f"config.json's {name} has an auto_map naming modules the folder does not ship")
     try:
         from transformers import AutoConfig
 
