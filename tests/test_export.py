@@ -61,3 +61,42 @@ def test_card_tables_replace_the_row_of_the_same_key(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "recipe" not in line]
     assert rows == ["| r.yaml | CE x1 | 1,000 | 50 | 8 | - | cpu |", "| other.yaml | CE x1 | 1,000 | 50 | 9 | - | cpu |"]
     assert text.index("## Measured results") < text.index("## Usage")
+
+
+def test_sigterm_while_a_folder_is_written_leaves_nothing(tmp_path):
+    """Regression: SIGTERM during bt-convert's save left a hidden full-size temporary folder forever."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from block_transformer import export
+        with export.atomic_folder({str(tmp_path / 'out')!r}) as tmp:
+            (tmp / "weights.bin").write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise SystemExit("SIGTERM was ignored")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "SIGTERM was ignored" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(tmp_path, caplog):
+    """Regression: SIGKILL left `.OUT.tmp-*` behind; its pid names a process that no longer runs."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.tmp-{int(dead.stdout)}-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = tmp_path / f".out.tmp-{os.getpid()}-def456"  # a live writer's folder is left alone
+    alive.mkdir()
+    with export.atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert not stale.exists() and alive.exists()
+    assert "no longer runs" in caplog.text
+    assert (tmp_path / "out" / "config.json").is_file()

@@ -7,15 +7,20 @@ folder being replaced stays readable until the new one is complete.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 from ..errors import BlockTransformerError
+
+logger = logging.getLogger(__name__)
 
 
 class ExportError(BlockTransformerError):
@@ -59,18 +64,64 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 @contextmanager
 def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it is deleted."""
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it is deleted.
+
+    The temporary name carries the writer's pid: a folder left by a writer that was killed outright
+    (SIGKILL, power loss) is removed by the next write to the same output. SIGTERM is handled like
+    Ctrl-C while the folder is being written, so ``kill`` cleans up too.
+    """
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
-        yield tmp
+        with _sigterm_as_interrupt():
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _default_permissions(tmp)
     replace_folder(tmp, out)
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete temporary siblings of ``out`` whose writer process is gone; returns what was removed."""
+    removed = []
+    for candidate in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = candidate.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
+        if candidate.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            logger.warning("removing %s, left half-written by a process that no longer runs (pid %s)", candidate, pid)
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def replace_folder(complete: Path, out: Path) -> None:
