@@ -77,7 +77,7 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
 
     _setup_logging(verbose)
     log = logging.getLogger("bt-convert")
-    check_output(output, overwrite)
+    check_output(output, overwrite, inputs=[source])
     if push_to_hub:  # a missing token or an unreachable hub should not cost a conversion first
         check_repo_id(push_to_hub)
         check_push_possible()

@@ -151,3 +151,13 @@ def test_hub_id_from_the_local_cache(tmp_path):
     assert model.config.conversion["source"] == "someorg/tiny-llama"
     assert model.config.conversion["source_kind"] == "hub"
     assert "base_model: someorg/tiny-llama" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_output_that_is_or_contains_the_source_is_refused(gpt2_folder, where):
+    """Regression: `bt-convert SRC -o SRC --overwrite` replaced the source model with the converted one."""
+    before = sorted(p.name for p in gpt2_folder.iterdir())
+    out = gpt2_folder if where == "same" else gpt2_folder.parent
+    result = run(gpt2_folder, "--block-len", 4, "--split", "2/2", "-o", out, "--overwrite")
+    assert_one_line_error(result, "would destroy the input")
+    assert sorted(p.name for p in gpt2_folder.iterdir()) == before

@@ -13,7 +13,7 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -27,8 +27,20 @@ class ExportError(BlockTransformerError):
     """An output that may not be written, or a folder that is not a complete Block Transformer folder."""
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Fail before any work when the output exists and may not be replaced."""
+def check_output(out: Path, overwrite: bool, inputs: Sequence[Path | str] = ()) -> None:
+    """Fail before any work when the output exists and may not be replaced, or would replace an input.
+
+    ``inputs`` are local paths the job reads (a source model, data): an output that is one of them or
+    contains one would destroy it when renamed into place, with or without ``--overwrite``.
+    """
+    target = Path(out).expanduser().resolve()
+    for source in inputs:
+        path = Path(source).expanduser()
+        if path.exists() and (path.resolve() == target or target in path.resolve().parents):
+            raise ExportError(
+                f"output {out} {'is' if path.resolve() == target else 'contains'} the input {source}: "
+                "writing it would destroy the input. Pick another -o."
+            )
     if out.exists() and not overwrite:
         raise ExportError(f"output {out} already exists: pass --overwrite to replace it, or pick another -o.")
     if out.exists() and not out.is_dir():
