@@ -26,8 +26,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from block_transformer import __version__  # noqa: E402
-from block_transformer.convert import INITS, Split, resolve_source  # noqa: E402
+from block_transformer.convert import INITS, Split  # noqa: E402
 from block_transformer.convert.convert import convert_model, resolve_separator  # noqa: E402
+from block_transformer.sources import resolve_source  # noqa: E402
 from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
 from block_transformer.export import write_text_atomic  # noqa: E402
 from block_transformer.data_spec import DataSpec  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from block_transformer.convert import resolve_source
+from block_transformer.sources import resolve_source
 from block_transformer.export import write_text_atomic
 from block_transformer.measure.evaluation import hardware
 from block_transformer.modeling import BlockTransformerForCausalLM

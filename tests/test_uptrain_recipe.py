@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from block_transformer.cli import uptrain_cmd
-from block_transformer.convert.sources import Source
+from block_transformer.sources import Source
 from block_transformer.modeling import BlockTransformerForCausalLM
 from block_transformer.uptrain import RecipeError, load_recipe
 from conftest import TINY_RECIPE, assert_one_line_error, learnable_corpus, save_source

@@ -21,7 +21,7 @@ def load(kind: str, spec: str, dtype: torch.dtype, device: str):
 
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
     else:
-        from block_transformer.convert.sources import resolve_source
+        from block_transformer.sources import resolve_source
 
         model = resolve_source(spec).load_model(dtype)
     return model.to(device).eval()

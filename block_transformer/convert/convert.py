@@ -14,7 +14,7 @@ from ..modeling import BlockTransformerForCausalLM
 from .discovery import find_structure, measure_arithmetic
 from .families import DEFAULT_ENTRY, Family, family_for
 from .inits import DEFAULT_INIT, init_new_modules
-from .sources import Source, resolve_source
+from ..sources import resolve_source
 from .surgery import Split, build_config, check_conversion, copy_source_weights, is_tied
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..convert.sources import Source, resolve_source
+from ..sources import Source, resolve_source
 from ..data_spec import DataSpec
 from ..errors import BlockTransformerError
 from .perplexity import HELDOUT_TOKENS, TokenizedCorpus, score, tokenize_corpus

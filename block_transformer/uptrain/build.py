@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..convert.sources import Source
+from ..sources import Source
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
 from .recipe import Recipe, RecipeError
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .. import __version__
-from ..convert.sources import Source
+from ..sources import Source
 from ..errors import BlockTransformerError
 from ..export import add_uptrain_row, save_model_folder, write_text_atomic
 from ..measure.evaluation import hardware

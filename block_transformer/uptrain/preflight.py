@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..convert.sources import Source, resolve_source
+from ..sources import Source, resolve_source
 from ..convert.surgery import Split
 from ..data_spec import DataSpec
 from ..export import check_output

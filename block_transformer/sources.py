@@ -1,7 +1,9 @@
-"""Resolve a conversion source (hub id, local folder or ``.gguf`` file) into config, model and tokenizer.
+"""Resolve a model spec (hub id, local folder or ``.gguf`` file) into config, model and tokenizer.
 
-The config is read first and on its own, so that an unsupported architecture or an impossible split
-fails in a second, before gigabytes of weights are read.
+Every command reads models this way: the source ``bt-convert`` converts, the models ``bt-eval`` and
+``bt-bench`` score, the teacher uptraining distils from. The config is read first and on its own, so
+that an unsupported architecture or an impossible split fails in a second, before gigabytes of
+weights are read.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from ..errors import ConversionError, first_line
+from .errors import ConversionError, first_line
 
 logger = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""The weight dtypes a model can be loaded, converted or exported in (names of torch dtypes)."""
+
 
 @dataclass
 class Source:
@@ -53,6 +59,11 @@ class Source:
                 "The weight files may be truncated or corrupt: download them again."
             ) from err
         return model.eval()
+
+    def skeleton(self) -> torch.nn.Module:
+        """The source's architecture on the meta device: its modules, head and weight tying, no weights read."""
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config)
 
     def load_tokenizer(self):
         try:
@@ -104,9 +115,9 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
             f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
             "download it first or pass a local folder / .gguf file."
         )
-    from ..hub import probe_hub
+    from .hub import probe_hub
 
-    probe_hub("to convert; pass a local model folder or .gguf file, or set HF_HUB_OFFLINE=1 to use the local cache")
+    probe_hub(f"to read {repo_id}; pass a local model folder or .gguf file, or set HF_HUB_OFFLINE=1 to use the local cache")
     config = _read_config(repo_id, pretrained_model_name_or_path=repo_id, revision=revision)
     return Source(repo_id, "hub", repo_id, revision, config)
 
