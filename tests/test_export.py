@@ -100,3 +100,46 @@ def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(tmp_path
     assert not stale.exists() and alive.exists()
     assert "no longer runs" in caplog.text
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def _tiny_model():
+    from block_transformer.convert import Split
+    from block_transformer.convert.convert import convert_model
+    from conftest import tiny_source
+
+    return convert_model(tiny_source("gpt2"), Split(2, 2), 3, separator_id=0)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(28, "No space left on device"), RuntimeError("Error while serializing: IoError(Os { code: 28 })")],
+)
+def test_a_full_disk_is_one_error_naming_the_folder_and_nothing_is_left(tmp_path, error):
+    """Regression: ENOSPC surfaced as an OSError / SafetensorError traceback."""
+
+    class FullDisk:
+        def save_pretrained(self, path):
+            raise error
+
+    with pytest.raises(export.ExportError, match=r"could not write .*out: .*GB free"):
+        export.save_model_folder(_tiny_model(), FullDisk(), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(export.ExportError, match="needs about .* GB but its disk has 0.00 GB free"):
+        export.save_model_folder(_tiny_model(), None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_parent_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Regression: a read-only output disk failed only after the whole conversion (root ignores modes: fake it)."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real_access(path, mode))
+    with pytest.raises(export.ExportError, match="is not writable"):
+        export.check_output(tmp_path / "out", overwrite=False)

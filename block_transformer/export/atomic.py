@@ -7,6 +7,7 @@ folder being replaced stays readable until the new one is complete.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -41,6 +42,9 @@ def check_output(out: Path, overwrite: bool, inputs: Sequence[Path | str] = ()) 
                 f"output {out} {'is' if path.resolve() == target else 'contains'} the input {source}: "
                 "writing it would destroy the input. Pick another -o."
             )
+    parent = next((p for p in target.parents if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: {parent} is not writable (read-only disk or permissions). Pick another -o.")
     if out.exists() and not overwrite:
         raise ExportError(f"output {out} already exists: pass --overwrite to replace it, or pick another -o.")
     if out.exists() and not out.is_dir():
@@ -90,11 +94,37 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         with _sigterm_as_interrupt():
             yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full_or_read_only(err):
+            free = shutil.disk_usage(out.parent).free
+            raise ExportError(
+                f"could not write {out}: {err.strerror if isinstance(err, OSError) else 'no space left on device'} "
+                f"({free / 1e9:.1f} GB free on its disk). Free some space or pick another -o; nothing was written."
+            ) from err
         raise
     _default_permissions(tmp)
     replace_folder(tmp, out)
+
+
+def check_free_space(out: Path, needed_bytes: int) -> None:
+    """Fail before writing when the output's disk cannot hold ``needed_bytes`` (plus 5%)."""
+    parent = next(p for p in Path(out).expanduser().resolve().parents if p.exists())
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes * 1.05:
+        raise ExportError(
+            f"{out} needs about {needed_bytes / 1e9:.2f} GB but its disk has {free / 1e9:.2f} GB free: "
+            "free some space or pick another -o."
+        )
+
+
+def _disk_full_or_read_only(err: BaseException) -> bool:
+    """ENOSPC / EROFS as an OSError, or inside a library's own error (safetensors reports them as text)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return True
+    text = str(err)
+    markers = ("No space left on device", "Read-only file system", "code: 28", "code: 30", "os error 28")
+    return any(marker in text for marker in markers)
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:

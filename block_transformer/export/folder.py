@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..modeling import BlockTransformerForCausalLM
-from .atomic import atomic_folder
+from .atomic import atomic_folder, check_free_space
 from .card import CARD, model_card
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ def save_model_folder(
     those are part of the same all-or-nothing write.
     """
     out = Path(out)
+    check_free_space(out, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
     with atomic_folder(out, overwrite) as tmp:
         logger.info("saving weights to %s", out)
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
