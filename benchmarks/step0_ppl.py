@@ -71,7 +71,7 @@ def main() -> int:
     source = resolve_source(str(args.gguf))
     tokenizer = source.load_tokenizer()
     source_model = source.load_model(None)
-    separator_id = resolve_separator(tokenizer, source_model.config.model_type)
+    separator_id = resolve_separator(tokenizer, source_model.config)
     source_info = {"source": source.name, "source_kind": source.kind, "revision": source.revision, **source.metadata}
 
     corpus = tokenize_corpus(tokenizer, dict(DataSpec.parse(str(args.corpus)).documents()), separator_id)

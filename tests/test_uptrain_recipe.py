@@ -62,7 +62,7 @@ def test_bad_recipes_fail_before_work(recipe_file, tmp_path, sets, fragments):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--set", "data.separator=<nope>"], "data.separator '<nope>' is not a token"),
-    (["--set", "model.separator=<nope>"], "none of the separator tokens ['<nope>']"),
+    (["--set", "model.separator=<nope>"], "model.separator '<nope>' is not a token"),
     (["--set", "distill.hidden_weight=1", "--set", "distill.hidden_layers=[3]"], "distill.hidden_layers [3] out of range"),
     (["--set", "model.split=3/2"], "split"),
     (["--resume"], "no checkpoint to resume from"),

@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from .. import __version__
-from . import probe
-from ..errors import ConversionError
+from ..errors import ConversionError, Refused
 from ..modeling import BlockTransformerForCausalLM
+from ..sources import resolve_source
+from . import probe
 from .discovery import find_structure, measure_arithmetic
 from .families import DEFAULT_ENTRY, Family, family_for
 from .inits import DEFAULT_INIT, init_new_modules
-from ..sources import resolve_source
 from .surgery import Split, build_config, check_conversion, copy_source_weights, is_tied
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def convert(
         block_len,
         num_prefix_tokens=num_prefix_tokens,
         init=init,
-        separator_id=resolve_separator(tokenizer, source_model.config.model_type, separator),
+        separator_id=resolve_separator(tokenizer, source_model.config, separator, setting="--separator"),
         source_info={"source": src.name, "source_kind": src.kind, "revision": src.revision, **src.metadata},
     )
     if check:
@@ -106,20 +106,39 @@ def convert_model(
     return model.eval()
 
 
-def resolve_separator(tokenizer, model_type: str, override: str | None = None) -> int:
-    """The document separator's id: ``override`` if given, else the family's pretraining separator."""
-    candidates = [override] if override else list(family_for(model_type).separators)
-    vocab = tokenizer.get_vocab()
-    for token in candidates:
-        if token in ("eos", "bos"):
-            token_id = getattr(tokenizer, f"{token}_token_id")
-        else:
-            token_id = vocab.get(token)
+def resolve_separator(tokenizer, config: PretrainedConfig, token: str | None = None, *, setting: str | None = None) -> int:
+    """The id of the token between packed documents, decided the same way by every command.
+
+    In order: ``token``, when the user names one (``eos`` and ``bos`` name the tokenizer's own);
+    the id recorded at conversion (``config.conversion["separator_id"]``), so a converted model keeps
+    the separator it was made with; the family's pretraining separators (``families.yaml``, ending
+    with bos/eos); the eos token, for a family conversion refuses (``bt-eval`` still scores those).
+    ``setting`` names the option or recipe field the user sets a separator with (``--separator``,
+    ``model.separator``, ``data.separator``), so that an error says what to change.
+    """
+    if token is not None:
+        token_id = _token_id(tokenizer, token)
+        if token_id is None:
+            raise ConversionError(f"{setting} {token!r} is not a token of the tokenizer: name one of its tokens, or eos/bos.")
+        return token_id
+    recorded = (getattr(config, "conversion", None) or {}).get("separator_id")
+    if recorded is not None:
+        return int(recorded)
+    try:
+        candidates = family_for(config.model_type).separators
+    except Refused:
+        candidates = ("eos",)
+    for candidate in candidates:
+        token_id = _token_id(tokenizer, candidate)
         if token_id is not None:
-            return int(token_id)
-    raise ConversionError(
-        f"none of the separator tokens {candidates} is in the tokenizer's vocabulary: pass --separator TOKEN."
-    )
+            return token_id
+    fix = f"set {setting} to one of its tokens" if setting else "the model has no known document separator"
+    raise ConversionError(f"none of the separator tokens {list(candidates)} is in the tokenizer's vocabulary: {fix}.")
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    token_id = getattr(tokenizer, f"{token}_token_id") if token in ("eos", "bos") else tokenizer.get_vocab().get(token)
+    return None if token_id is None else int(token_id)
 
 
 def _generation_config(source_model: PreTrainedModel) -> GenerationConfig:

@@ -28,6 +28,7 @@ import torch
 
 from .. import __version__
 from ..sources import Source, resolve_source
+from ..convert.convert import resolve_separator
 from ..data_spec import DataSpec
 from ..errors import BlockTransformerError
 from .perplexity import HELDOUT_TOKENS, TokenizedCorpus, score, tokenize_corpus
@@ -84,7 +85,7 @@ def evaluate(
 
     tokenizer = sources["model"].load_tokenizer()
     bt = next((s for s in sources.values() if _is_block_transformer(s)), None)
-    separator_id = _separator_id(bt or sources["model"], tokenizer)
+    separator_id = resolve_separator(tokenizer, (bt or sources["model"]).config)
     tokens = scored_tokens(spec, tokenizer, separator_id, heldout_tokens, max_tokens)
     if baseline:
         _check_same_tokenizer(tokenizer, sources["baseline"].load_tokenizer(), tokens, model, baseline)
@@ -196,24 +197,6 @@ def _score_one(
 
 def _is_block_transformer(src: Source) -> bool:
     return getattr(src.config, "model_type", None) == BLOCK_TRANSFORMER_TYPE
-
-
-def _separator_id(src: Source, tokenizer) -> int:
-    """The separator between documents: the one recorded at conversion, else the family's pretraining one.
-
-    Models of families the converter does not know fall back to the tokenizer's eos token.
-    """
-    from ..convert.convert import resolve_separator
-
-    conversion = getattr(src.config, "conversion", None) or {}
-    if conversion.get("separator_id") is not None:
-        return int(conversion["separator_id"])
-    try:
-        return resolve_separator(tokenizer, src.config.model_type)
-    except BlockTransformerError:
-        if tokenizer.eos_token_id is None:
-            raise EvaluationError(f"{src.spec} has no known document separator and no eos token.") from None
-        return int(tokenizer.eos_token_id)
 
 
 def _check_seq_len(src: Source, seq_len: int) -> None:

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..sources import Source, resolve_source
+from ..convert.convert import resolve_separator
 from ..convert.surgery import Split
 from ..data_spec import DataSpec
 from ..export import check_output
@@ -127,7 +128,7 @@ def read_blueprint(recipe: Recipe) -> Blueprint:
         config=config,
         tokenizer=tokenizer,
         split=split,
-        separator_id=separator_id(recipe.data.separator, tokenizer, config),
+        separator_id=resolve_separator(tokenizer, config, recipe.data.separator, setting="data.separator"),
         hidden_layers=hidden_layers(recipe.distill, config.token_decoder_config.num_hidden_layers),
         teacher=teacher,
     )
@@ -147,7 +148,6 @@ def _read_folder(path: str) -> tuple[BlockTransformerConfig, PreTrainedTokenizer
 
 def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrainedTokenizerBase, Split, Source]:
     """The config ``convert`` will build from ``model.source``, and the source's tokenizer: no weights read."""
-    from ..convert.convert import resolve_separator
     from ..convert.surgery import build_config, check_conversion
 
     m = recipe.model
@@ -156,7 +156,8 @@ def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrained
     split = Split.parse(m.split) if m.split else Split(layers // 2, layers - layers // 2)
     family = check_conversion(source.config, split, m.block_len, m.num_prefix_tokens)
     tokenizer = source.load_tokenizer()
-    conversion = {"init": m.init, "separator_id": resolve_separator(tokenizer, source.config.model_type, m.separator)}
+    separator_id = resolve_separator(tokenizer, source.config, m.separator, setting="model.separator")
+    conversion = {"init": m.init, "separator_id": separator_id}
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     config = build_config(source.config, family, split, m.block_len, m.num_prefix_tokens, tied, conversion)
     return config, tokenizer, split, source
@@ -175,19 +176,6 @@ def teacher_source(recipe: Recipe, config: BlockTransformerConfig) -> Source | N
             f"{conversion.get('source', '')!r}) cannot be found from the folder: set distill.teacher to its path."
         )
     return None
-
-
-def separator_id(token: str | None, tokenizer: PreTrainedTokenizerBase, config: BlockTransformerConfig) -> int:
-    """``data.separator``'s id, or by default the separator the model was converted with."""
-    if token is None:
-        recorded = (config.conversion or {}).get("separator_id")
-        if recorded is None:
-            raise RecipeError("the model records no document separator: set data.separator to a token.")
-        return int(recorded)
-    token_id = tokenizer.get_vocab().get(token)
-    if token_id is None:
-        raise RecipeError(f"data.separator {token!r} is not a token of the model's tokenizer.")
-    return int(token_id)
 
 
 def hidden_layers(distill: DistillSection, num_token_layers: int) -> list[int]:
