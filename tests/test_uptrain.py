@@ -49,6 +49,8 @@ def test_loss_falls_and_export_loads(tmp_path):
     assert summary["final_ppl"] == pytest.approx(evals[-1]["eval_ppl"]) and summary["source_ppl"] > 0
     card = (out / "README.md").read_text()
     assert "Uptraining (bt-uptrain)" in card and f"{summary['final_ppl']:.4g}" in card
+    # Regression: the uptrained card said "This model has not been uptrained" above its uptraining table.
+    assert "not been uptrained" not in card and f"**uptrained** with `bt-uptrain` (recipe `{summary['recipe']}`" in card
     assert (out / "uptraining_recipe.yaml").read_text() == recipe.to_yaml()
     assert not list(tmp_path.glob(".out*")), "no temporary folder is left behind"
 

@@ -62,8 +62,12 @@ UPTRAIN_TABLE = CardTable(
 )
 
 
-def model_card(model: BlockTransformerForCausalLM, name: str) -> str:
-    """A hub model card: metadata, what the model is, how it was made, measured figures, how to load it."""
+def model_card(model: BlockTransformerForCausalLM, name: str, uptraining: dict | None = None) -> str:
+    """A hub model card: metadata, what the model is, how it was made, measured figures, how to load it.
+
+    ``uptraining`` is the summary of the run that produced these weights (``bt-uptrain``), or None for
+    a fresh conversion: the card says which of the two its weights are.
+    """
     cfg = model.config
     conv = cfg.conversion or {}
     source = conv.get("source", "unknown")
@@ -107,8 +111,7 @@ cache), the upper layers attend locally inside a block.
 
 Layers [0, {split[0]}) of the source form the block decoder and the remaining {split[1]} the token
 decoder; their weights, the token embedding, final norm and LM head are exact copies of the source's.
-The block embedder, start vector and prefix projection are new. **This model has not been uptrained:**
-expect a much higher perplexity than the source until it is (`bt-uptrain`).
+{_weights_status(uptraining)}
 
 {MEASURED_HEADING}
 
@@ -131,6 +134,21 @@ print(tok.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 With [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness):
 `lm_eval --model hf --model_args pretrained={name},trust_remote_code=True --tasks TASK`.
 """
+
+
+def _weights_status(uptraining: dict | None) -> str:
+    if uptraining is None:
+        return (
+            "The block embedder, start vector and prefix projection are new. **This model has not been "
+            "uptrained:** expect a much higher perplexity than the source until it is (`bt-uptrain`)."
+        )
+    ppl = uptraining.get("final_ppl")
+    figure = f", ending at held-out perplexity {ppl:.1f}" if isinstance(ppl, (int, float)) else ""
+    return (
+        f"These weights were then **uptrained** with `bt-uptrain` (recipe `{uptraining.get('recipe')}`, "
+        f"{uptraining.get('method')}): {uptraining.get('steps')} steps, {uptraining.get('tokens'):,} tokens"
+        f"{figure}; all weights moved from their converted values (see the uptraining table below)."
+    )
 
 
 def source_license(conversion: dict) -> str | None:

@@ -25,6 +25,7 @@ def save_model_folder(
     overwrite: bool = False,
     finalize: Callable[[Path], None] | None = None,
     max_shard_size: str = MAX_SHARD_SIZE,
+    uptraining: dict | None = None,
 ) -> Path:
     """Write model + tokenizer + modeling code + model card to ``out`` atomically.
 
@@ -40,7 +41,7 @@ def save_model_folder(
             tokenizer.save_pretrained(tmp)
         for name in MODELING_FILES:  # save_pretrained copies them via auto_map; make sure, whatever the caller did
             shutil.copy2(MODELING_DIR / name, tmp / name)
-        (tmp / CARD).write_text(model_card(model, out.name))
+        (tmp / CARD).write_text(model_card(model, out.name, uptraining))
         if finalize is not None:
             finalize(tmp)
     return out

@@ -298,7 +298,7 @@ def save_uptrained(model: BlockTransformerForCausalLM, tokenizer: PreTrainedToke
             shutil.copyfile(metrics_path, folder / EXPORTED_METRICS_FILE)
         add_uptrain_row(folder, summary)
 
-    save_model_folder(model, tokenizer, out, overwrite=recipe.output.overwrite, finalize=finalize)
+    save_model_folder(model, tokenizer, out, overwrite=recipe.output.overwrite, finalize=finalize, uptraining=summary)
     logger.info("saved %s", out)
     return out
 
