@@ -29,10 +29,9 @@ def _friendly_errors(fn):
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
-    if not verbose:
-        for noisy in ("httpx", "huggingface_hub", "transformers", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .logs import setup_logging
+
+    setup_logging(verbose)
 
 
 @click.command(
