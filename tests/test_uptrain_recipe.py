@@ -9,10 +9,14 @@ import yaml
 from click.testing import CliRunner
 
 from block_transformer.cli import uptrain_cmd
-from block_transformer.sources import Source
+from block_transformer.convert import Split
+from block_transformer.convert.convert import convert_model
 from block_transformer.modeling import BlockTransformerForCausalLM
+from block_transformer.sources import Source
 from block_transformer.uptrain import RecipeError, load_recipe
-from conftest import TINY_RECIPE, assert_one_line_error, learnable_corpus, save_source
+from block_transformer.uptrain.data import require_heldout_source
+from block_transformer.uptrain.preflight import check_seq_len, micro_batch_size, read_blueprint, total_steps
+from conftest import FAMILIES, TINY_RECIPE, assert_one_line_error, learnable_corpus, save_source, tiny_recipe, tiny_source
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -105,10 +109,30 @@ def test_overrides_are_parsed_as_yaml(recipe_file):
     assert recipe.train.lr == 1e-4 and recipe.distill.hidden_layers == [1, 2] and recipe.lora.enabled
 
 
-@pytest.mark.parametrize("name", ["smollm2-pydocs.yaml", "pile.yaml", "tiny.yaml"])
-def test_shipped_recipes_validate(name):
+@pytest.mark.parametrize("name, processes, steps", [
+    ("smollm2-pydocs.yaml", 1, 293),  # the CPU demo
+    ("pile.yaml", 8, 14_306),  # accelerate launch --num_processes 8
+])
+def test_shipped_recipes_fit_the_runs_they_document(name, processes, steps):
+    """What the schema cannot check: the budget in steps, the batch split over the documented processes,
+    sequences of whole blocks, a held-out set for streamed data (each raises when it does not hold)."""
     recipe = load_recipe(RECIPES / name)
-    assert recipe.data.seq_len % recipe.model.block_len == 0
+    assert total_steps(recipe) == steps
+    micro_batch_size(recipe, processes)
+    check_seq_len(recipe, recipe.model.block_len)
+    require_heldout_source(recipe.data)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_dry_run_plans_the_config_the_conversion_builds(tmp_path, model_type):
+    """The dry run plans the conversion on the meta device (no weights read): same layout, same tying."""
+    planned = read_blueprint(tiny_recipe(tmp_path, model_type)).config
+    built = convert_model(tiny_source(model_type), Split(2, 2), 4, separator_id=0).config
+    for name in ("tie_word_embeddings", "decoder_layers", "block_decoder_final_norm", "lm_head_bias",
+                 "separate_token_embeddings", "conversion"):
+        assert getattr(planned, name) == getattr(built, name), name
+    window = [getattr(c.block_decoder_config, "sliding_window", None) for c in (planned, built)]
+    assert window[0] == window[1]
 
 
 def test_recipe_error_type():

@@ -9,10 +9,10 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from .. import __version__
 from ..errors import ConversionError, Refused
-from ..modeling import BlockTransformerForCausalLM
+from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
 from ..sources import resolve_source
 from . import probe
-from .discovery import find_structure, measure_arithmetic
+from .discovery import Structure, find_structure, measure_arithmetic
 from .families import DEFAULT_ENTRY, Family, family_for
 from .inits import DEFAULT_INIT, init_new_modules
 from .surgery import Split, build_config, check_conversion, copy_source_weights, is_tied
@@ -72,10 +72,41 @@ def convert_model(
     source_info: dict | None = None,
 ) -> BlockTransformerForCausalLM:
     """Surgery on an in-memory causal LM: copy its weights, then initialise the new modules."""
+    config, structure = conversion_config(
+        source_model,
+        split,
+        block_len,
+        num_prefix_tokens=num_prefix_tokens,
+        init=init,
+        separator_id=separator_id,
+        source_info=source_info,
+    )
+    model = BlockTransformerForCausalLM(config).to(source_model.get_input_embeddings().weight.dtype)
+    copy_source_weights(model, source_model, structure)
+    init_new_modules(model, init, separator_id)
+    model.generation_config = _generation_config(source_model)
+    return model.eval()
+
+
+def conversion_config(
+    source_model: PreTrainedModel,
+    split: Split,
+    block_len: int,
+    *,
+    num_prefix_tokens: int = 2,
+    init: str = DEFAULT_INIT,
+    separator_id: int,
+    source_info: dict | None = None,
+) -> tuple[BlockTransformerConfig, Structure]:
+    """The converted model's config (with its conversion record), and where the source keeps its parts.
+
+    On a source built on the meta device (:meth:`block_transformer.sources.Source.skeleton`, for
+    ``bt-uptrain --dry-run``) this is the same config, planned without reading weights; only the
+    embedding and logit arithmetic, which is measured by running the source, keeps its defaults.
+    """
     family: Family = check_conversion(source_model.config, split, block_len, num_prefix_tokens)
     structure = find_structure(source_model, family)
-    arithmetic = measure_arithmetic(source_model, structure)
-    dtype = source_model.get_input_embeddings().weight.dtype
+    embeddings = source_model.get_input_embeddings().weight
     conversion = {
         **(source_info or {}),
         "family": source_model.config.model_type if family.name == DEFAULT_ENTRY else family.name,
@@ -83,7 +114,7 @@ def convert_model(
         "split": [split.block, split.token],
         "init": init,
         "separator_id": separator_id,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(embeddings.dtype).removeprefix("torch."),
         "block_transformer_version": __version__,
     }
     config = build_config(
@@ -95,15 +126,11 @@ def convert_model(
         is_tied(source_model),
         conversion,
         structure=structure,
-        arithmetic=arithmetic,
+        arithmetic=None if embeddings.is_meta else measure_arithmetic(source_model, structure),
         lm_head_bias=getattr(source_model.get_output_embeddings(), "bias", None) is not None,
     )
     config._attn_implementation = source_model.config._attn_implementation
-    model = BlockTransformerForCausalLM(config).to(dtype)
-    copy_source_weights(model, source_model, structure)
-    init_new_modules(model, init, separator_id)
-    model.generation_config = _generation_config(source_model)
-    return model.eval()
+    return config, structure
 
 
 def resolve_separator(tokenizer, config: PretrainedConfig, token: str | None = None, *, setting: str | None = None) -> int:

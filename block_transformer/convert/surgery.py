@@ -41,11 +41,16 @@ class Split:
             raise ConversionError(f"--split must look like A/B (e.g. 6/6), got {text!r}") from None
         return cls(block, token)
 
+    @classmethod
+    def halves(cls, num_layers: int) -> "Split":
+        """The default split: the lower half of the layers (rounded down) becomes the block decoder."""
+        return cls(num_layers // 2, num_layers - num_layers // 2)
+
     def check(self, num_layers: int) -> None:
         if self.block < 1 or self.token < 1 or self.block + self.token != num_layers:
             raise ConversionError(
                 f"split {self.block}/{self.token} does not fit a {num_layers}-layer model: A/B must sum to "
-                f"{num_layers} with both sides >= 1 (e.g. {num_layers // 2}/{num_layers - num_layers // 2})."
+                f"{num_layers} with both sides >= 1 (e.g. {Split.halves(num_layers)})."
             )
 
     def __str__(self) -> str:
@@ -79,11 +84,11 @@ def build_config(
     tie_word_embeddings: bool,
     conversion: dict,
     *,
-    structure: Structure | None = None,
+    structure: Structure,
     arithmetic: Arithmetic | None = None,
     lm_head_bias: bool = False,
 ) -> BlockTransformerConfig:
-    """The converted model's config; without ``structure``/``arithmetic`` (a dry run) the defaults."""
+    """The converted model's config; without ``arithmetic`` (a source on the meta device) its defaults."""
     block_cfg = _sub_config(source_config, family, range(0, split.block))
     token_cfg = _sub_config(source_config, family, range(split.block, split.block + split.token))
     window = sliding_window(source_config)
@@ -96,7 +101,9 @@ def build_config(
         token_decoder_config=token_cfg,
         block_len=block_len,
         num_prefix_tokens=num_prefix_tokens,
-        **_measured(structure, arithmetic),
+        block_decoder_final_norm=structure.final_norm,
+        decoder_layers=structure.layers,
+        **(dataclasses.asdict(arithmetic) if arithmetic is not None else {}),
         lm_head_bias=lm_head_bias,
         separate_token_embeddings=conversion["init"] == "sink",
         tie_word_embeddings=tie_word_embeddings,
@@ -105,15 +112,6 @@ def build_config(
         eos_token_id=getattr(source_config, "eos_token_id", None),
         conversion=conversion,
     )
-
-
-def _measured(structure: Structure | None, arithmetic: Arithmetic | None) -> dict:
-    fields = {}
-    if structure is not None:
-        fields.update(block_decoder_final_norm=structure.final_norm, decoder_layers=structure.layers)
-    if arithmetic is not None:
-        fields.update(dataclasses.asdict(arithmetic))
-    return fields
 
 
 def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) -> PretrainedConfig:

@@ -120,8 +120,7 @@ def read_blueprint(recipe: Recipe) -> Blueprint:
     else:
         config, tokenizer, split, source = _plan_conversion(recipe)
         teacher = resolve_source(recipe.distill.teacher) if recipe.distill.teacher else source
-    if recipe.data.seq_len % config.block_len:
-        raise RecipeError(f"data.seq_len {recipe.data.seq_len} is not a multiple of the model's block length {config.block_len}.")
+    check_seq_len(recipe, config.block_len)
     if recipe.distill.needs_teacher and teacher is None:
         raise RecipeError("distillation needs a teacher: set distill.teacher to the source model.")
     return Blueprint(
@@ -132,6 +131,13 @@ def read_blueprint(recipe: Recipe) -> Blueprint:
         hidden_layers=hidden_layers(recipe.distill, config.token_decoder_config.num_hidden_layers),
         teacher=teacher,
     )
+
+
+def check_seq_len(recipe: Recipe, block_len: int) -> None:
+    """Training sequences hold whole blocks: ``data.seq_len`` is a multiple of the model's block length."""
+    if recipe.data.seq_len % block_len:
+        where = f"model.block_len {block_len}" if recipe.model.source else f"the block length {block_len} of {recipe.model.path}"
+        raise RecipeError(f"data.seq_len {recipe.data.seq_len} is not a multiple of {where}: change data.seq_len.")
 
 
 def _read_folder(path: str) -> tuple[BlockTransformerConfig, PreTrainedTokenizerBase]:
@@ -148,18 +154,17 @@ def _read_folder(path: str) -> tuple[BlockTransformerConfig, PreTrainedTokenizer
 
 def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrainedTokenizerBase, Split, Source]:
     """The config ``convert`` will build from ``model.source``, and the source's tokenizer: no weights read."""
-    from ..convert.surgery import build_config, check_conversion
+    from ..convert.convert import conversion_config
+    from ..convert.surgery import check_conversion
 
     m = recipe.model
     source = resolve_source(m.source, revision=m.revision)
-    layers = source.config.num_hidden_layers
-    split = Split.parse(m.split) if m.split else Split(layers // 2, layers - layers // 2)
-    family = check_conversion(source.config, split, m.block_len, m.num_prefix_tokens)
+    split = Split.parse(m.split) if m.split else Split.halves(source.config.num_hidden_layers)
+    check_conversion(source.config, split, m.block_len, m.num_prefix_tokens)  # before anything is built
     tokenizer = source.load_tokenizer()
     separator_id = resolve_separator(tokenizer, source.config, m.separator, setting="model.separator")
-    conversion = {"init": m.init, "separator_id": separator_id}
-    tied = bool(getattr(source.config, "tie_word_embeddings", False))
-    config = build_config(source.config, family, split, m.block_len, m.num_prefix_tokens, tied, conversion)
+    config, _ = conversion_config(source.skeleton(), split, m.block_len, num_prefix_tokens=m.num_prefix_tokens,
+                                  init=m.init, separator_id=separator_id)
     return config, tokenizer, split, source
 
 

@@ -2,8 +2,9 @@
 
 Every section is a pydantic model that forbids unknown keys, so a typo (``lerning_rate``) is an error
 that names the key and the closest valid one instead of a silently ignored setting. Values that
-cannot work together (a ``seq_len`` that is not a multiple of the block length, two budgets) are
-errors too. ``--set train.lr=1e-4`` overrides any field from the command line, parsed as YAML.
+cannot work together (two budgets, a held-out size beside an explicit eval set) are errors too; what
+depends on the model (``data.seq_len`` against its block length, the split, the separator) is checked
+by :mod:`block_transformer.uptrain.preflight`. ``--set train.lr=1e-4`` overrides any field from the command line, parsed as YAML.
 """
 
 from __future__ import annotations
@@ -157,14 +158,6 @@ class Recipe(_Section):
     eval: EvalSection = EvalSection()
     checkpoint: CheckpointSection = CheckpointSection()
     output: OutputSection
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Recipe:
-        if self.model.source is not None and self.data.seq_len % self.model.block_len:
-            raise ValueError(
-                f"data.seq_len {self.data.seq_len} is not a multiple of model.block_len {self.model.block_len}"
-            )
-        return self
 
     @property
     def checkpoint_dir(self) -> Path:
