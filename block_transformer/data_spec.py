@@ -88,6 +88,22 @@ class DataSpec:
         else:
             yield from _read_hub(self)
 
+    def first_documents(self, tokenizer, tokens: int) -> dict[str, str]:
+        """Documents from the first until they hold at least ``tokens`` tokens: a hub split can be any size.
+
+        Each document counts one more token, for the separator it is joined to the next with.
+        """
+        documents: dict[str, str] = {}
+        count = 0
+        for name, text in self.documents():
+            documents[name] = text
+            count += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+            if count >= tokens:
+                break
+        if not documents:
+            raise DataError(f"{self.spec} holds no text.")
+        return documents
+
 
 def _is_local(spec: str) -> bool:
     return Path(spec).expanduser().exists() or glob.has_magic(spec) or spec.startswith((".", "/", "~"))

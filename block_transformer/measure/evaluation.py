@@ -31,7 +31,7 @@ from ..sources import Source, resolve_source
 from ..convert.convert import resolve_separator
 from ..data_spec import DataSpec
 from ..errors import BlockTransformerError
-from .perplexity import HELDOUT_TOKENS, TokenizedCorpus, score, tokenize_corpus
+from .perplexity import HELDOUT_TOKENS, TokenizedCorpus, heldout_split, score, tokenize_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ def scored_tokens(
 ) -> ScoredTokens:
     """Tokenise the data and pick what is scored (see the module docstring)."""
     if spec.kind == "hub":
-        cap = max_tokens or HELDOUT_TOKENS
-        corpus = tokenize_corpus(tokenizer, first_documents(spec, tokenizer, cap), separator_id)
+        corpus = tokenize_corpus(tokenizer, spec.first_documents(tokenizer, max_tokens or HELDOUT_TOKENS), separator_id)
         return ScoredTokens(corpus.ids, corpus, 0, f"split {spec.split!r} from its first example")
     documents = dict(spec.documents())
     if not documents:
@@ -151,21 +150,8 @@ def scored_tokens(
             logger.warning("the data has only %d tokens, no more than the %d-token held-out tail: scoring all of it",
                            total, tail)
         return ScoredTokens(corpus.ids, corpus, 0, f"all {total:,} tokens, from the first")
-    return ScoredTokens(corpus.ids[-tail:], corpus, total - tail, f"held-out tail: the last {tail:,} of {total:,} tokens")
-
-
-def first_documents(spec: DataSpec, tokenizer, cap: int) -> dict[str, str]:
-    """Stream documents until they hold at least ``cap`` tokens: a hub split can be any size."""
-    documents: dict[str, str] = {}
-    count = 0
-    for name, text in spec.documents():
-        documents[name] = text
-        count += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-        if count >= cap:
-            break
-    if not documents:
-        raise EvaluationError(f"{spec.spec} holds no text.")
-    return documents
+    rest, heldout = heldout_split(corpus.ids, tail)
+    return ScoredTokens(heldout, corpus, rest.numel(), f"held-out tail: the last {tail:,} of {total:,} tokens")
 
 
 def _score_one(

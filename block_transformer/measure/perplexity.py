@@ -92,9 +92,7 @@ def heldout_split(token_ids: torch.Tensor, heldout_tokens: int = HELDOUT_TOKENS)
     and easy to exclude from training: train on the first part only.
     """
     if not 0 < heldout_tokens < token_ids.numel():
-        raise ValueError(
-            f"cannot hold out {heldout_tokens} of {token_ids.numel()} tokens: use a bigger corpus or a smaller tail."
-        )
+        raise ValueError(f"cannot hold out {heldout_tokens:,} of {token_ids.numel():,} tokens and train on the rest.")
     return token_ids[:-heldout_tokens], token_ids[-heldout_tokens:]
 
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data_spec import DataSpec
-from ..measure.evaluation import first_documents
-from ..measure.perplexity import HELDOUT_TOKENS, tokenize_corpus
+from ..measure.perplexity import HELDOUT_TOKENS, heldout_split, tokenize_corpus
 from .recipe import DataSection, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -49,16 +48,26 @@ def pack(documents: list[list[int]], separator_id: int, seq_len: int, block_len:
     ids: list[int] = []
     scored: list[bool] = []
     for doc in documents:
-        piece = [*doc, separator_id]
-        ids.extend(piece)
-        scored.extend([True] * len(piece))
-        if block_len:
-            fill = -len(piece) % block_len
-            ids.extend([separator_id] * fill)
-            scored.extend([False] * fill)
+        _append_document(ids, scored, doc, separator_id, block_len)
     count = len(ids) // seq_len
     if count == 0:
         raise RecipeError(f"the training data holds {len(ids)} tokens, less than one data.seq_len={seq_len} sequence.")
+    return _take_sequences(ids, scored, count, seq_len)
+
+
+def _append_document(ids: list[int], scored: list[bool], doc: list[int], separator_id: int, block_len: int | None) -> None:
+    """Append one document and its separator (then, block-aligned, the unscored fill to the block's end)."""
+    piece = [*doc, separator_id]
+    ids.extend(piece)
+    scored.extend([True] * len(piece))
+    if block_len:
+        fill = -len(piece) % block_len
+        ids.extend([separator_id] * fill)
+        scored.extend([False] * fill)
+
+
+def _take_sequences(ids: list[int], scored: list[bool], count: int, seq_len: int) -> Batch:
+    """The first ``count`` sequences of packed ``ids``; tokens that are not ``scored`` get the label IGNORE."""
     input_ids = torch.tensor(ids[: count * seq_len], dtype=torch.long).view(count, seq_len)
     mask = torch.tensor(scored[: count * seq_len]).view(count, seq_len)
     return Batch(input_ids, input_ids.masked_fill(~mask, IGNORE))
@@ -113,13 +122,13 @@ def load_local(
         end = total
     else:
         tail = math.ceil(total * data.heldout_fraction) if data.heldout_fraction else data.heldout_tokens or HELDOUT_TOKENS
-        if not 0 < tail < total:
+        try:
+            train_ids, eval_ids = heldout_split(corpus.ids, tail)
+        except ValueError as err:
             raise RecipeError(
-                f"cannot hold out {tail} of the {total} tokens of {data.train}: set data.heldout_tokens lower, "
-                "or data.eval to a separate held-out set."
-            )
-        end = total - tail
-        eval_ids, region = corpus.ids[end:], f"held-out tail: the last {tail:,} of {total:,} tokens of {data.train}"
+                f"{data.train}: {err} Set data.heldout_tokens lower, or data.eval to a separate held-out set."
+            ) from None
+        end, region = train_ids.numel(), f"held-out tail: the last {tail:,} of {total:,} tokens of {data.train}"
     documents = split_documents(corpus.ids, corpus.starts, end)
     sequences = pack(documents, separator_id, data.seq_len, block_len if data.block_aligned else None)
     logger.info("packed %d training tokens into %d sequences of %d", end, sequences.input_ids.shape[0], data.seq_len)
@@ -178,18 +187,11 @@ class StreamingData:
             text = example.get(self.data.text_field)
             if not text:
                 continue
-            piece = [*self.tokenizer(str(text), add_special_tokens=False)["input_ids"], self.separator_id]
-            self.buffer.extend(piece)
-            self.scored.extend([True] * len(piece))
-            if self.block_len:
-                fill = -len(piece) % self.block_len
-                self.buffer.extend([self.separator_id] * fill)
-                self.scored.extend([False] * fill)
-        n = count * seq_len
-        ids = torch.tensor(self.buffer[:n], dtype=torch.long).view(count, seq_len)
-        mask = torch.tensor(self.scored[:n]).view(count, seq_len)
-        del self.buffer[:n], self.scored[:n]
-        return Batch(ids, ids.masked_fill(~mask, IGNORE))
+            doc = self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
+            _append_document(self.buffer, self.scored, doc, self.separator_id, self.block_len)
+        batch = _take_sequences(self.buffer, self.scored, count, seq_len)
+        del self.buffer[: count * seq_len], self.scored[: count * seq_len]
+        return batch
 
 
 def is_streamed(data: DataSection) -> bool:
@@ -210,5 +212,5 @@ def explicit_eval_ids(data: DataSection, tokenizer, separator_id: int, max_token
     """The first ``max_tokens`` tokens of ``data.eval`` (set whenever the training data is streamed)."""
     spec = DataSpec.parse(data.eval, data.text_field)
     spec.check_available()
-    corpus = tokenize_corpus(tokenizer, first_documents(spec, tokenizer, max_tokens), separator_id)
+    corpus = tokenize_corpus(tokenizer, spec.first_documents(tokenizer, max_tokens), separator_id)
     return corpus.ids, f"data.eval {data.eval}"
