@@ -15,7 +15,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,16 +22,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
-from block_transformer import __version__  # noqa: E402
+from block_transformer import environment  # noqa: E402
 from block_transformer.convert import INITS, Split  # noqa: E402
 from block_transformer.convert.convert import convert_model, resolve_separator  # noqa: E402
-from block_transformer.sources import resolve_source  # noqa: E402
+from block_transformer.data_spec import DataSpec  # noqa: E402
 from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
 from block_transformer.export import write_text_atomic  # noqa: E402
-from block_transformer.data_spec import DataSpec  # noqa: E402
 from block_transformer.measure import HELDOUT_TOKENS, heldout_split, score, tokenize_corpus  # noqa: E402
+from block_transformer.sources import resolve_source  # noqa: E402
 
 SPLIT = Split(15, 15)
 BLOCK_LEN = 4
@@ -63,9 +61,8 @@ def main() -> int:
         sys.exit(f"--num-windows x --seq-len exceeds the {HELDOUT_TOKENS}-token held-out tail.")
 
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5:
-        logger.warning("load average %.2f before starting: timings and progress will be slower", load_before[0])
+    machine = environment.describe("cpu")
+    environment.warn_if_busy(machine)
     started = time.perf_counter()
 
     source = resolve_source(str(args.gguf))
@@ -121,13 +118,7 @@ def main() -> int:
             "scored_files": corpus.files_in(begin, end),
         },
         "results": runs,
-        "environment": {
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "block_transformer": __version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-            "wall_s": time.perf_counter() - started,
-        },
+        "environment": {**machine, "load_after": environment.machine_load(), "wall_s": time.perf_counter() - started},
     }
     write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")  # never half a result
     logger.info("wrote %s (%.0f s in all)", args.json, report["environment"]["wall_s"])

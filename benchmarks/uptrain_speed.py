@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from block_transformer.sources import resolve_source
+from block_transformer import environment
 from block_transformer.export import write_text_atomic
-from block_transformer.measure.evaluation import hardware
 from block_transformer.modeling import BlockTransformerForCausalLM
+from block_transformer.sources import resolve_source
 from block_transformer.uptrain import load_recipe
 from block_transformer.uptrain.losses import RecoveryLoss
 
@@ -44,9 +43,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5:
-        print(f"warning: load average {load_before[0]:.2f}: another process is using the CPU; figures will drift")
+    machine = environment.describe("cpu")
+    environment.warn_if_busy(machine)
     bt = BlockTransformerForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
     source = resolve_source(args.source).load_model(torch.float32).train()
     teacher = resolve_source(args.source).load_model(torch.float32).eval().requires_grad_(False)
@@ -94,10 +92,8 @@ def main() -> None:
         "model": str(args.model),
         "source": str(args.source),
         "batch_shape": [args.batch_size, args.seq_len],
-        "threads": args.threads,
-        "hardware": hardware("cpu"),
-        "load_average_before": load_before[0],
-        "load_average_after": os.getloadavg()[0],
+        "environment": machine,
+        "load_after": environment.machine_load(),
         "figures": figures,
         "ratio_bt_ce_vs_source": figures["bt_ce"]["tokens_per_s"] / figures["source"]["tokens_per_s"],
         "ratio_bt_distill_vs_source": figures["bt_distill"]["tokens_per_s"] / figures["source"]["tokens_per_s"],

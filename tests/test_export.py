@@ -52,7 +52,7 @@ def test_atomic_folder_and_replace_folder(tmp_path):
 def test_card_tables_replace_the_row_of_the_same_key(tmp_path):
     (tmp_path / export.CARD).write_text("---\nlibrary_name: transformers\n---\n\n# m\n\n## Usage\n\nload it\n")
     summary = {"recipe": "r.yaml", "method": "CE x1", "tokens": 1000, "step0_ppl": 50.0, "final_ppl": 9.0,
-               "source_ppl": None, "hardware": "cpu"}
+               "source_ppl": None, "environment": {"hardware": "cpu"}}
     export.add_uptrain_row(tmp_path, summary)
     export.add_uptrain_row(tmp_path, {**summary, "final_ppl": 8.0})
     export.add_uptrain_row(tmp_path, {**summary, "recipe": "other.yaml"})

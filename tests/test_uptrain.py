@@ -163,7 +163,7 @@ def test_lora_merged_export_matches_the_unmerged_model(tmp_path):
         expected = wrapped(input_ids=ids).logits
     merged = exportable_model(plain.config, wrapped.state_dict(), recipe)
     save_uptrained(merged, tiny_tokenizer(), tmp_path / "merged", recipe, {"recipe": "t", "method": "m", "tokens": 0,
-                   "step0_ppl": None, "final_ppl": None, "source_ppl": None, "hardware": "cpu"}, tmp_path / "none")
+                   "step0_ppl": None, "final_ppl": None, "source_ppl": None, "environment": {"hardware": "cpu"}}, tmp_path / "none")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", trust_remote_code=True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .. import environment
 from ..errors import BlockTransformerError
-from ..measure.evaluation import cpu_name
-from .throughput import Setting, machine_load
+from .throughput import Setting
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +65,8 @@ def run_benchmark(
     dtype = dtype or config.get("dtype") or "float32"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = threads or torch.get_num_threads()
-    load_before = machine_load()
-    if load_before["busy"]:
-        logger.warning("the machine is busy (load %.2f on %d CPUs): timings will be unreliable",
-                       load_before["load_avg"][0], load_before["cpu_count"])
+    before = environment.describe(device, threads)
+    environment.warn_if_busy(before)
     rows = []
     for setting in settings:
         measured = {}
@@ -86,12 +83,10 @@ def run_benchmark(
         "baseline": baseline,
         "dtype": dtype,
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         "threads": threads,
         "repeats": repeats,
-        "load_before": load_before,
-        "load_after": machine_load(),
-        "versions": {"block_transformer": __version__, "torch": torch.__version__},
+        "environment": before,
+        "load_after": environment.machine_load(),
         "rows": rows,
     }
 

@@ -12,7 +12,6 @@ warm-up call first, then ``repeats`` timed calls; the median is reported.
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -176,10 +175,3 @@ def bytes_per_decode_step(model, setting: Setting, context: int | None = None) -
     token = 2 * cfg.token_decoder_config.num_hidden_layers * token_kv * token_hd * cfg.token_decoder_len
     kv = dtype_bytes * (batch / cfg.block_len * block + batch * token)
     return {"context": context, "weights_bytes": int(weights), "kv_bytes": int(kv), "total_bytes": int(weights + kv)}
-
-
-def machine_load() -> dict:
-    """Load average and CPU count; a busy machine makes CPU timings meaningless."""
-    load1, load5, load15 = os.getloadavg()
-    cpus = os.cpu_count() or 1
-    return {"load_avg": [load1, load5, load15], "cpu_count": cpus, "busy": load1 > 0.5 * cpus}

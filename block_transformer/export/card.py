@@ -226,7 +226,6 @@ def add_eval_row(folder: Path, report: dict) -> Path:
 
 def add_bench_rows(folder: Path, record: dict) -> Path:
     """One row per (setting, baseline cache) of a ``bt-bench`` record: BT/vanilla ratios, with the hardware."""
-    hardware = f"{record['device_name']} ({record['device']}, {record['threads']} threads)"
     today = datetime.date.today().isoformat()
     path = Path(folder) / CARD
     for row in record["rows"]:
@@ -235,7 +234,7 @@ def add_bench_rows(folder: Path, record: dict) -> Path:
                 folder, BENCH_TABLE,
                 (row["setting"]["name"], name.removeprefix("vs_"), f"{ratios['whole_call_tokens_per_s']:.2f}x",
                  f"{ratios['decode_tokens_per_s']:.2f}x", f"{ratios['time_to_first_token_s']:.2f}x",
-                 record["dtype"], hardware, today),
+                 record["dtype"], record["environment"]["hardware"], today),
             )
     return path
 
@@ -246,7 +245,7 @@ def add_uptrain_row(folder: Path, summary: dict) -> Path:
         return f"{value:.4g}" if isinstance(value, float) else "-"
 
     row = (summary["recipe"], summary["method"], f"{summary['tokens']:,}", fmt(summary["step0_ppl"]),
-           fmt(summary["final_ppl"]), fmt(summary["source_ppl"]), summary["hardware"])
+           fmt(summary["final_ppl"]), fmt(summary["source_ppl"]), summary["environment"]["hardware"])
     return update_card_table(folder, UPTRAIN_TABLE, row)
 
 

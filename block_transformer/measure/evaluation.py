@@ -20,17 +20,15 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..sources import Source, resolve_source
+from .. import environment
 from ..convert.convert import resolve_separator
 from ..data_spec import DataSpec
 from ..errors import BlockTransformerError
+from ..sources import Source, resolve_source
 from .perplexity import HELDOUT_TOKENS, TokenizedCorpus, heldout_split, score, tokenize_corpus
 
 logger = logging.getLogger(__name__)
@@ -119,13 +117,7 @@ def evaluate(
         "model": first,
         "baseline": results.get("baseline"),
         "ppl_ratio": first["perplexity"] / results["baseline"]["perplexity"] if baseline else None,
-        "environment": {
-            "hardware": hardware(device),
-            "torch": torch.__version__,
-            "transformers": _transformers_version(),
-            "block_transformer": __version__,
-            "python": platform.python_version(),
-        },
+        "environment": environment.describe(device),
     }
     return report
 
@@ -204,30 +196,5 @@ def _check_same_tokenizer(a, b, tokens: ScoredTokens, model: str, baseline: str)
         )
 
 
-def hardware(device: str) -> str:
-    """What the figures were measured on, for reports and model cards."""
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU: {cpu_name()}, {torch.get_num_threads()} threads"
-
-
-def cpu_name() -> str:
-    """The CPU model (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _truncate(items: list[str], limit: int = 100) -> list[str]:
     return items if len(items) <= limit else [*items[:limit], f"... and {len(items) - limit} more"]
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
-

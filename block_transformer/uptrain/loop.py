@@ -30,11 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .. import __version__
+from .. import environment
 from ..sources import Source
 from ..errors import BlockTransformerError
 from ..export import add_uptrain_row, save_model_folder, write_text_atomic
-from ..measure.evaluation import hardware
 from ..measure.perplexity import score
 from ..modeling import BlockTransformerForCausalLM
 from . import checkpoint
@@ -316,11 +315,10 @@ def summary(run: Run, replicas_checked: int) -> dict:
         "final_ppl": evals[-1]["eval_ppl"] if evals else None,
         "source_ppl": (state.reference or {}).get("perplexity"),
         "parameters": run.parameters,
-        "hardware": hardware(str(run.accelerator.device)),
         "num_processes": run.accelerator.num_processes,
         "replicas_checked": replicas_checked,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "block_transformer": __version__,
+        "environment": environment.describe(str(run.accelerator.device)),
     }
 
 
