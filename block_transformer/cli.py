@@ -10,9 +10,20 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .errors import BlockTransformerError
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _command(**kwargs):
+    """A click command with ``-h``/``--help`` and ``--version``."""
+
+    def decorate(fn):
+        fn = click.version_option(__version__, prog_name="block-transformer")(fn)
+        return click.command(context_settings={"help_option_names": ["-h", "--help"]}, **kwargs)(fn)
+
+    return decorate
 
 
 def _friendly_errors(fn):
@@ -34,7 +45,7 @@ def _setup_logging(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-@click.command(
+@_command(
     epilog="""\b
 Examples:
   bt-convert gpt2 --block-len 4 --split 6/6 -o gpt2-bt
@@ -114,7 +125,7 @@ def _push(folder: Path, repo_id: str, *, private: bool, revision: str | None = N
     click.echo(f"pushed {folder} to {repo_id}: {url}")
 
 
-@click.command(
+@_command(
     epilog="""\b
 Examples:
   bt-uptrain recipes/smollm2-pydocs.yaml
@@ -157,7 +168,7 @@ def uptrain_cmd(recipe, overrides, resume, dry_run, verbose):
         click.echo(f"wrote {out}")
 
 
-@click.command(
+@_command(
     epilog="""\b
 Examples:
   bt-eval smollm2-bt --baseline ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -241,7 +252,7 @@ def _print_eval(report: dict) -> None:
         click.echo(f"ratio     {report['ppl_ratio']:.4g}x (model perplexity / baseline perplexity)")
 
 
-@click.command(
+@_command(
     epilog="""\b
 Examples:
   bt-push smollm2-bt you/smollm2-bt
@@ -269,7 +280,7 @@ def push_cmd(folder, repo_id, private, revision, commit_message, verbose):
     _push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
 
 
-@click.command()
+@_command()
 @_friendly_errors
 def fetch_demo_cmd():
     """Fetch the offline demo assets into the cache and print their paths.
@@ -284,7 +295,7 @@ def fetch_demo_cmd():
     click.echo(f"corpus: {demo.fetch_pydocs()}")
 
 
-@click.command(
+@_command(
     epilog="""\b
 Examples:
   bt-bench smollm2-bt --baseline ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf --preset cpu

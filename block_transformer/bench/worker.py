@@ -17,7 +17,7 @@ def load(kind: str, spec: str, dtype: torch.dtype, device: str):
     if kind == "block_transformer":
         from transformers import AutoModelForCausalLM
 
-        import block_transformer  # noqa: F401 - registers the Auto classes
+        import block_transformer.modeling  # noqa: F401 - registers the Auto classes
 
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
     else:
