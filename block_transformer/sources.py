@@ -54,6 +54,12 @@ class Source:
         try:
             model = AutoModelForCausalLM.from_pretrained(**self._load_kwargs(), dtype=dtype)
         except Exception as err:  # noqa: BLE001 - any loader failure here means unreadable weights
+            if "weights only load failed" in str(err).lower() or "weights_only" in str(err):
+                raise ConversionError(
+                    f"{self.spec} holds pickle weights (.bin/.pt) that would run code when loaded; they are refused "
+                    "for safety. Convert them to safetensors where you trust the files (transformers: "
+                    "from_pretrained, then save_pretrained(..., safe_serialization=True)) and convert that folder."
+                ) from err
             raise ConversionError(
                 f"could not load the weights of {self.spec}: {first_line(err)}. "
                 "The weight files may be truncated or corrupt: download them again."

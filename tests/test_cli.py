@@ -106,6 +106,23 @@ def test_corrupt_weights(gpt2_folder, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+class _Payload:
+    """Stands for whatever code a malicious pickle would run; weights_only loading refuses its global."""
+
+
+def test_pickle_weights_are_refused_for_safety_not_called_corrupt(gpt2_folder, tmp_path):
+    """Regression: a refused pickle was reported as 'truncated or corrupt'."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = {**load_file(gpt2_folder / "model.safetensors"), "payload": _Payload()}
+    (gpt2_folder / "model.safetensors").unlink()
+    torch.save(state, gpt2_folder / "pytorch_model.bin")
+    result = run(gpt2_folder, "--block-len", 4, "--split", "2/2", "-o", tmp_path / "out")
+    assert_one_line_error(result, "pickle weights", "refused for safety", "safetensors")
+    assert not (tmp_path / "out").exists()
+
+
 def _cli_subprocess(tmp_path, env_overrides: dict, *args: str):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), **env_overrides}
     started = time.perf_counter()
