@@ -276,6 +276,7 @@ def test_freeze_pretrained_steps_trains_only_new_modules_and_norms(tmp_path):
         assert not torch.equal(exported[name], initial[name]), name
 
 
+@pytest.mark.filterwarnings("error:.*gradient_checkpointing_enable.*:FutureWarning")  # regression: it warned
 def test_gradient_checkpointing_and_block_aligned_packing_with_distillation(tmp_path):
     common = {"train.max_steps": 2, "eval.every": 0, "checkpoint.every": 0, "eval.source_reference": False,
               "data.block_aligned": True, "distill.kl_weight": 1.0, "distill.hidden_weight": 1.0}

@@ -365,8 +365,10 @@ def _teacher_and_reference(recipe: Recipe, source: Source | None, reference: dic
 def _trainable(model: BlockTransformerForCausalLM, recipe: Recipe) -> nn.Module:
     """Gradient checkpointing and LoRA, as the recipe asks."""
     if recipe.train.gradient_checkpointing:
-        model.block_decoder.gradient_checkpointing_enable()
-        model.token_decoder.gradient_checkpointing_enable()
+        for decoder in (model.block_decoder, model.token_decoder):
+            # transformers >= 5.2x renames it (the old name warns); earlier 5.x only has the old one
+            enable = getattr(decoder, "activation_checkpointing_enable", None) or decoder.gradient_checkpointing_enable
+            enable()
     return apply_lora(model, recipe) if recipe.lora.enabled else model
 
 
