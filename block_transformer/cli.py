@@ -188,7 +188,7 @@ Examples:
 @click.option("--heldout-tokens", type=int, default=None,
               help="Held-out tail of a local corpus, scored from its start [default: 65,536, as the benchmarks]; "
                    "0 scores the data from its first token (a test set of its own).")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="Windows per forward pass.")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: each model's own; fp32 for GGUF].")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report here.")
@@ -305,13 +305,14 @@ Examples:
 )
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--baseline", required=True, help="The source model: hub id, local folder or .gguf file.")
-@click.option("--batch-size", "batch_sizes", type=int, multiple=True, help="Repeatable. [default: 32]")
-@click.option("--prompt-len", "prompt_lens", type=int, multiple=True, help="Repeatable. [default: 1024]")
-@click.option("--new-tokens", "new_tokens", type=int, multiple=True, help="Repeatable. [default: 128]")
+@click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 32]")
+@click.option("--prompt-len", "prompt_lens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 1024]")
+@click.option("--new-tokens", "new_tokens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 128]")
 @click.option("--preset", "presets", type=click.Choice(["prefill-heavy", "decode-heavy", "cpu"]), multiple=True,
               help="Named (prompt, new) settings: prefill-heavy 2048/128, decode-heavy 128/2048, cpu 1024/128 + 128/512.")
 @click.option("--ragged", is_flag=True, help="Also run each setting with prompt lengths spread over [P/2, P].")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Timed calls per measurement (median).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed calls per measurement (median).")
 @click.option("--threads", type=int, default=None, help="torch threads [default: all cores].")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="[default: the converted model's]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]")
@@ -334,8 +335,6 @@ def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ra
     from .export import add_bench_rows, write_text_atomic
 
     _setup_logging(False)
-    if repeats < 1:
-        raise click.BadParameter("must be >= 1", param_hint="--repeats")
     pairs = [pair for preset in presets for pair in PRESETS[preset]]
     if prompt_lens or new_tokens or not pairs:
         pairs += list(itertools.product(prompt_lens or (1024,), new_tokens or (128,)))

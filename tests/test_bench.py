@@ -50,6 +50,24 @@ def test_bad_model_folder(tmp_path):
     assert result.exit_code != 0 and "not a converted model folder" in result.output
 
 
+@pytest.mark.parametrize("option", ["--batch-size", "--prompt-len", "--new-tokens", "--repeats"])
+def test_zero_sizes_are_rejected_by_the_cli(folders, option):
+    """Regression: --prompt-len 0 / --batch-size 0 / --new-tokens 0 were accepted."""
+    source, bt = folders
+    result = CliRunner().invoke(bench_cmd, [str(bt), "--baseline", str(source), option, "0"])
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+
+
+def test_a_missing_baseline_fails_before_any_benchmark(folders, tmp_path, monkeypatch):
+    """Regression: bt-bench benchmarked the model first and only then found the baseline missing."""
+    import block_transformer.bench.run as run
+
+    monkeypatch.setattr(run, "_worker", lambda *a, **k: pytest.fail("a benchmark worker started"))
+    _, bt = folders
+    result = CliRunner().invoke(bench_cmd, [str(bt), "--baseline", str(tmp_path / "missing")])
+    assert result.exit_code == 1 and "no such file or folder" in result.output
+
+
 def test_kv_cache_bytes_are_block_level():
     source = tiny_source("llama")
     bt = convert_model(source, Split(2, 2), 4, separator_id=0)

@@ -14,6 +14,7 @@ import torch
 
 from .. import environment
 from ..errors import BlockTransformerError
+from ..sources import resolve_source
 from .throughput import Setting
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def run_benchmark(
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "block_transformer":
         raise BlockTransformerError(f"{model} is not a Block Transformer folder (model_type {config.get('model_type')!r}).")
+    resolve_source(baseline)  # a missing baseline fails now, not after the model's benchmark
     dtype = dtype or config.get("dtype") or "float32"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     threads = threads or torch.get_num_threads()
