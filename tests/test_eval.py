@@ -144,6 +144,7 @@ def test_hub_dataset_offline_is_a_clear_error(folders):
     assert_one_line_error(run_eval(bt, "--data", "wikitext:wikitext-2-raw-v1:test"), "HF_HUB_OFFLINE", "local file")
 
 
+@pytest.mark.slow
 def test_hub_dataset_unreachable_fails_fast(folders, tmp_path):
     _, bt = folders
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",

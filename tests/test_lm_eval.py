@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # lm-evaluation-harness end to end
 lm_eval = pytest.importorskip("lm_eval", reason="install the lm-eval extra: pip install -e '.[lm-eval]'")
 
 from conftest import tiny_source, tiny_tokenizer

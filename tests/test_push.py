@@ -269,6 +269,7 @@ def test_verify_rejects_a_dangling_nested_auto_map(tmp_path):
         export.verify_folder(folder)
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_fast_and_keeps_the_folder(saved, tmp_path):
     before = snapshot(saved)
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN,

@@ -55,6 +55,7 @@ def test_folder_has_everything_a_hub_model_needs(saved):
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
 
+@pytest.mark.slow
 def test_load_in_a_process_without_block_transformer(saved, tmp_path):
     """trust_remote_code loads the copied modeling files; block_transformer itself is not importable."""
     script = textwrap.dedent(

@@ -55,6 +55,7 @@ def test_loss_falls_and_export_loads(tmp_path):
     assert not list(tmp_path.glob(".out*")), "no temporary folder is left behind"
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
     base = {"train.max_steps": 12, "checkpoint.every": 4, "eval.every": 0}
     reference = uptrain(tiny_recipe(tmp_path / "a", **base))
@@ -85,6 +86,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
     assert [r["loss"] for r in train_a] == [r["loss"] for r in train_b]
 
 
+@pytest.mark.slow
 def test_checkpoints_keep_last_and_refuse_a_fresh_start_over_them(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 12, "checkpoint.every": 2, "checkpoint.keep_last": 2})
     uptrain(recipe)
@@ -241,6 +243,7 @@ def test_streamed_local_data_resumes_where_it_stopped(tmp_path):
     assert torch.equal(again.next_sequences(3).input_ids, expected.input_ids)
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(tmp_path):
     """A real 2-process gloo run (accelerate launch --cpu --num_processes 2 would silently run one)."""
     recipe_args = {"train.max_steps": 4, "eval.every": 0, "checkpoint.every": 2, "eval.source_reference": False}
@@ -276,6 +279,7 @@ def test_freeze_pretrained_steps_trains_only_new_modules_and_norms(tmp_path):
         assert not torch.equal(exported[name], initial[name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error:.*gradient_checkpointing_enable.*:FutureWarning")  # regression: it warned
 def test_gradient_checkpointing_and_block_aligned_packing_with_distillation(tmp_path):
     common = {"train.max_steps": 2, "eval.every": 0, "checkpoint.every": 0, "eval.source_reference": False,

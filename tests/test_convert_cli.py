@@ -131,6 +131,7 @@ def _cli_subprocess(tmp_path, env_overrides: dict, *args: str):
     return result, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_fast(tmp_path):
     result, seconds = _cli_subprocess(
         tmp_path,
@@ -143,6 +144,7 @@ def test_unreachable_hub_fails_fast(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_offline_and_not_cached(tmp_path):
     result, _ = _cli_subprocess(
         tmp_path, {"HF_HUB_OFFLINE": "1"}, "gpt2", "--block-len", "4", "--split", "6/6", "-o", str(tmp_path / "out")
@@ -150,6 +152,7 @@ def test_offline_and_not_cached(tmp_path):
     assert result.returncode != 0 and "not in the local Hugging Face cache" in result.stderr
 
 
+@pytest.mark.slow
 def test_hub_id_from_the_local_cache(tmp_path):
     """A hub id that is already in the Hugging Face cache converts without touching the network."""
     commit = "0" * 40
