@@ -2,50 +2,47 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import time
 from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import BlockTransformerError
+from .bench.settings import PRESETS
+from .commands import command, friendly_errors, setup_logging
+from .dtypes import DTYPES, torch_dtype
+from .uptrain.command import uptrain_cmd
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _command(**kwargs):
-    """A click command with ``-h``/``--help`` and ``--version``."""
-
-    def decorate(fn):
-        fn = click.version_option(__version__, prog_name="block-transformer")(fn)
-        return click.command(context_settings={"help_option_names": ["-h", "--help"]}, **kwargs)(fn)
-
-    return decorate
+__all__ = ["bench_cmd", "convert_cmd", "eval_cmd", "fetch_demo_cmd", "push_cmd", "uptrain_cmd"]
 
 
-def _friendly_errors(fn):
-    """Turn BlockTransformerError into click's one-line ``Error: ...`` with exit code 1."""
+class _LibraryNames(click.ParamType):
+    """One of the names a library module defines, read when a value is checked rather than when the
+    command is built: the module needs torch, and ``--help`` must answer without it."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BlockTransformerError as err:
-            raise click.ClickException(str(err)) from err
+    name = "name"
 
-    return wrapper
+    def __init__(self, module: str, names: str, metavar: str):
+        self.module, self.names, self.metavar = module, names, metavar
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.metavar
+
+    def convert(self, value, param, ctx):
+        import importlib
+
+        names = getattr(importlib.import_module(self.module), self.names)
+        if value not in names:
+            self.fail(f"{value!r} is not one of {', '.join(map(repr, names))}.", param, ctx)
+        return value
 
 
-def _setup_logging(verbose: bool) -> None:
-    from .logs import setup_logging
+def _preset_help() -> str:
+    presets = (f"{name} {' + '.join(f'{prompt}/{new}' for prompt, new in pairs)}" for name, pairs in PRESETS.items())
+    return f"Named (prompt, new) settings: {', '.join(presets)}."
 
-    setup_logging(verbose)
 
-
-@_command(
+@command(
     epilog="""\b
 Examples:
   bt-convert gpt2 --block-len 4 --split 6/6 -o gpt2-bt
@@ -59,8 +56,9 @@ Examples:
 @click.option("--split", "split", required=True, help="Layers for block/token decoder, A/B with A+B = N, e.g. 6/6.")
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--prefix-tokens", "prefix_tokens", type=int, default=2, show_default=True, help="Prefix length N_P.")
-@click.option("--init", "init", type=click.Choice(["sink", "reference"]), default="sink", show_default=True,
-              help="Init of the new modules: sink-aware (best step-0 perplexity) or the reference code's.")
+@click.option("--init", "init", type=_LibraryNames("block_transformer.convert.inits", "INITS", "INIT"), default=None,
+              help="Init of the new modules: sink (sink-aware, best step-0 perplexity; the default) or reference "
+                   "(the reference code's).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weights dtype [default: the source's; fp32 for GGUF].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--separator", default=None, help="Document-separator token [default: the family's pretraining one].")
@@ -71,7 +69,7 @@ Examples:
               help="Then publish OUTPUT to this hub repo (as bt-push does).")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-@_friendly_errors
+@friendly_errors
 def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, revision, separator, overwrite,
                 check, push_to_hub, private, verbose):
     """Convert SOURCE (hub id, local HF folder or .gguf file) into a Block Transformer folder.
@@ -79,13 +77,11 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
     The lower A layers become the block decoder (global attention over blocks of L_B tokens), the
     upper B layers the token decoder (local attention inside a block). Copied weights are exact.
     """
-    import torch
-
-    from .convert import Split, convert
+    from .convert import DEFAULT_INIT, Split, convert
     from .export import check_output, save_model_folder
     from .hub import check_push_possible, check_repo_id
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     log = logging.getLogger("bt-convert")
     check_output(output, overwrite, inputs=[source])
     if push_to_hub:  # a missing token or an unreachable hub should not cost a conversion first
@@ -97,8 +93,8 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
         Split.parse(split),
         block_len,
         num_prefix_tokens=prefix_tokens,
-        init=init,
-        dtype=getattr(torch, dtype) if dtype else None,
+        init=init or DEFAULT_INIT,
+        dtype=torch_dtype(dtype),
         revision=revision,
         separator=separator,
         check=check,
@@ -125,50 +121,7 @@ def _push(folder: Path, repo_id: str, *, private: bool, revision: str | None = N
     click.echo(f"pushed {folder} to {repo_id}: {url}")
 
 
-@_command(
-    epilog="""\b
-Examples:
-  bt-uptrain recipes/smollm2-pydocs.yaml
-  bt-uptrain recipes/smollm2-pydocs.yaml --set train.max_tokens=20000 --set distill.kl_weight=0 --dry-run
-  bt-uptrain recipes/smollm2-pydocs.yaml --resume            # latest checkpoint of the recipe's run
-  accelerate launch --num_processes 8 -m block_transformer.uptrain recipes/pile.yaml
-"""
-)
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe field, e.g. --set train.lr=1e-4 (value parsed as YAML). Repeatable.")
-@click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[DIR]",
-              help="Continue from a checkpoint folder, or the latest one of the recipe's checkpoint dir.")
-@click.option("--dry-run", is_flag=True, help="Validate, print the resolved recipe, parameter counts and token budget.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-@_friendly_errors
-def uptrain_cmd(recipe, overrides, resume, dry_run, verbose):
-    """Uptrain a Block Transformer with a YAML RECIPE (validated before any work starts).
-
-    Runs on whatever `accelerate launch` / torchrun sets up: one CPU, one GPU, DDP, FSDP, DeepSpeed.
-    Writes checkpoints to checkpoint.dir and the final model folder (safetensors) to output.dir.
-    """
-    from .uptrain import load_recipe
-    from .uptrain.loop import uptrain
-    from .uptrain.preflight import plan
-
-    _setup_logging(verbose)
-    parsed = load_recipe(recipe, list(overrides))
-    if dry_run:
-        click.echo(parsed.to_yaml())
-        facts = plan(parsed)
-        counts = facts["parameters"]
-        click.echo(f"parameters: {counts['total']:,} total, {counts['trainable']:,} trainable, "
-                   f"{counts['frozen']:,} frozen, {counts['new']:,} new (not in the source)")
-        click.echo(f"budget: {facts['steps']:,} steps x {facts['tokens_per_step']:,} tokens = "
-                   f"{facts['token_budget']:,} tokens")
-        return
-    out = uptrain(parsed, resume=resume, recipe_name=Path(recipe).name)
-    if os.environ.get("RANK", "0") == "0":
-        click.echo(f"wrote {out}")
-
-
-@_command(
+@command(
     epilog="""\b
 Examples:
   bt-eval smollm2-bt --baseline ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf \\
@@ -194,7 +147,7 @@ Examples:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full report here.")
 @click.option("--update-card", is_flag=True, help="Add the figures to MODEL's model card (MODEL: a local folder).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-@_friendly_errors
+@friendly_errors
 def eval_cmd(model, baseline, data, text_field, seq_len, max_tokens, heldout_tokens, batch_size, device, dtype,
              json_out, update_card, verbose):
     """Held-out perplexity of MODEL (a Block Transformer folder or any causal LM: folder, .gguf, hub id).
@@ -206,13 +159,11 @@ def eval_cmd(model, baseline, data, text_field, seq_len, max_tokens, heldout_tok
     """
     import json
 
-    import torch
-
     from .data_spec import DataSpec
     from .export import CARD, ExportError, add_eval_row, write_text_atomic
     from .measure.evaluation import evaluate
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if update_card and not (Path(model).expanduser() / CARD).is_file():
         raise ExportError(f"--update-card needs MODEL to be a local folder with a {CARD} model card; {model} is not.")
     report = evaluate(
@@ -223,7 +174,7 @@ def eval_cmd(model, baseline, data, text_field, seq_len, max_tokens, heldout_tok
         max_tokens=max_tokens,
         batch_size=batch_size,
         device=device,
-        dtype=getattr(torch, dtype) if dtype else None,
+        dtype=torch_dtype(dtype),
         heldout_tokens=heldout_tokens,
     )
     _print_eval(report)
@@ -252,7 +203,7 @@ def _print_eval(report: dict) -> None:
         click.echo(f"ratio     {report['ppl_ratio']:.4g}x (model perplexity / baseline perplexity)")
 
 
-@_command(
+@command(
     epilog="""\b
 Examples:
   bt-push smollm2-bt you/smollm2-bt
@@ -265,7 +216,7 @@ Examples:
 @click.option("--revision", default=None, help="Branch to push to (created if missing) [default: main].")
 @click.option("--commit-message", default=None, help="[default: Upload FOLDER (Block Transformer, ...)].")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-@_friendly_errors
+@friendly_errors
 def push_cmd(folder, repo_id, private, revision, commit_message, verbose):
     """Publish FOLDER (written by bt-convert) to the Hugging Face hub repo REPO_ID.
 
@@ -275,13 +226,13 @@ def push_cmd(folder, repo_id, private, revision, commit_message, verbose):
     """
     from .hub import check_repo_id
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     check_repo_id(repo_id)
     _push(folder, repo_id, private=private, revision=revision, commit_message=commit_message)
 
 
-@_command()
-@_friendly_errors
+@command()
+@friendly_errors
 def fetch_demo_cmd():
     """Fetch the offline demo assets into the cache and print their paths.
 
@@ -290,12 +241,12 @@ def fetch_demo_cmd():
     """
     from . import demo
 
-    _setup_logging(False)
+    setup_logging(False)
     click.echo(f"model:  {demo.fetch_smollm2()}")
     click.echo(f"corpus: {demo.fetch_pydocs()}")
 
 
-@_command(
+@command(
     epilog="""\b
 Examples:
   bt-bench smollm2-bt --baseline ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf --preset cpu
@@ -308,8 +259,7 @@ Examples:
 @click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 32]")
 @click.option("--prompt-len", "prompt_lens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 1024]")
 @click.option("--new-tokens", "new_tokens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 128]")
-@click.option("--preset", "presets", type=click.Choice(["prefill-heavy", "decode-heavy", "cpu"]), multiple=True,
-              help="Named (prompt, new) settings: prefill-heavy 2048/128, decode-heavy 128/2048, cpu 1024/128 + 128/512.")
+@click.option("--preset", "presets", type=click.Choice(list(PRESETS)), multiple=True, help=_preset_help())
 @click.option("--ragged", is_flag=True, help="Also run each setting with prompt lengths spread over [P/2, P].")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed calls per measurement (median).")
@@ -318,7 +268,7 @@ Examples:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available]")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full record here.")
 @click.option("--update-card", is_flag=True, help="Add the measured ratios to MODEL's model card.")
-@_friendly_errors
+@friendly_errors
 def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ragged, repeats, threads, dtype, device,
               json_out, update_card):
     """Batch-generation throughput of MODEL (a converted folder) against its source, side by side.
@@ -330,11 +280,11 @@ def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ra
     import itertools
     import json
 
-    from .bench import PRESETS, Setting, run_benchmark
-    from .bench.run import format_table
+    from .bench.run import format_table, run_benchmark
+    from .bench.settings import Setting
     from .export import add_bench_rows, write_text_atomic
 
-    _setup_logging(False)
+    setup_logging(False)
     pairs = [pair for preset in presets for pair in PRESETS[preset]]
     if prompt_lens or new_tokens or not pairs:
         pairs += list(itertools.product(prompt_lens or (1024,), new_tokens or (128,)))

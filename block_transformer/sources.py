@@ -21,10 +21,6 @@ from .errors import ConversionError, first_line
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
-"""The weight dtypes a model can be loaded, converted or exported in (names of torch dtypes)."""
-
-
 @dataclass
 class Source:
     """Where a model comes from, and what to record about it in the converted folder."""

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from block_transformer import export
-from block_transformer.bench.throughput import Setting, kv_cache_bytes, make_prompts
+from block_transformer.bench.settings import Setting
+from block_transformer.bench.throughput import kv_cache_bytes, make_prompts
 from block_transformer.cli import bench_cmd
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
@@ -24,6 +25,7 @@ def folders(tmp_path_factory):
     return source, root / "bt"
 
 
+@pytest.mark.slow  # a worker process per model and setting
 def test_bt_bench_end_to_end(folders, tmp_path):
     source, bt = folders
     out = tmp_path / "bench.json"

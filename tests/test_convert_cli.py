@@ -66,6 +66,7 @@ def gpt2_folder(tmp_path_factory):
         (["--block-len", 0, "--split", "2/2"], ["--block-len must be >= 1"]),
         (["--block-len", 4, "--split", "2/2", "--prefix-tokens", 0], ["--prefix-tokens must be >= 1"]),
         (["--block-len", 4, "--split", "2/2", "--separator", "<nope>"], ["--separator '<nope>' is not a token"]),
+        (["--block-len", 4, "--split", "2/2", "--init", "zero"], ["'zero' is not one of 'sink', 'reference'"]),
     ],
 )
 def test_bad_parameters(gpt2_folder, tmp_path, args, fragments):

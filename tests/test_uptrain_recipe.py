@@ -8,12 +8,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from block_transformer.cli import uptrain_cmd
 from block_transformer.convert import Split
 from block_transformer.convert.convert import convert_model
 from block_transformer.modeling import BlockTransformerForCausalLM
 from block_transformer.sources import Source
 from block_transformer.uptrain import RecipeError, load_recipe
+from block_transformer.uptrain.command import uptrain_cmd
 from block_transformer.uptrain.data import require_heldout_source
 from block_transformer.uptrain.preflight import check_seq_len, micro_batch_size, read_blueprint, total_steps
 from conftest import FAMILIES, TINY_RECIPE, assert_one_line_error, learnable_corpus, save_source, tiny_recipe, tiny_source

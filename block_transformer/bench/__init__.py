@@ -1,6 +1,9 @@
-"""Throughput measurement: the converted model against its source, side by side (bt-bench)."""
+"""Throughput measurement: the converted model against its source, side by side (``bt-bench``).
 
-from .run import run_benchmark
-from .throughput import PRESETS, Setting
+``settings`` (what is measured) imports nothing heavy; ``run`` (the worker processes, the record) and
+``throughput`` (the measurement itself) need torch.
+"""
 
-__all__ = ["PRESETS", "Setting", "run_benchmark"]
+from .settings import PRESETS, Setting
+
+__all__ = ["PRESETS", "Setting"]

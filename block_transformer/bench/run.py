@@ -15,7 +15,7 @@ import torch
 from .. import environment
 from ..errors import BlockTransformerError
 from ..sources import resolve_source
-from .throughput import Setting
+from .settings import Setting
 
 logger = logging.getLogger(__name__)
 

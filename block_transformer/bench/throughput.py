@@ -14,32 +14,14 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .settings import Setting
+
 logger = logging.getLogger(__name__)
-
-PRESETS: dict[str, list[tuple[int, int]]] = {
-    # (prompt length, new tokens); named after the paper's settings
-    "prefill-heavy": [(2048, 128)],
-    "decode-heavy": [(128, 2048)],
-    # sized for a 2-core CPU: the targets
-    "cpu": [(1024, 128), (128, 512)],
-}
-
-
-@dataclass(frozen=True)
-class Setting:
-    batch_size: int
-    prompt_len: int
-    new_tokens: int
-    ragged: bool = False  # prompt lengths spread over [prompt_len / 2, prompt_len], left-padded
-
-    @property
-    def name(self) -> str:
-        return f"b{self.batch_size}-p{self.prompt_len}-n{self.new_tokens}{'-ragged' if self.ragged else ''}"
 
 
 def make_prompts(setting: Setting, vocab_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

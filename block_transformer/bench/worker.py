@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from block_transformer.dtypes import DTYPES, torch_dtype
+
 
 def load(kind: str, spec: str, dtype: torch.dtype, device: str):
     if kind == "block_transformer":
@@ -32,18 +34,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=["block_transformer", "vanilla"], required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--setting", required=True, help="JSON of a Setting")
-    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--dtype", choices=DTYPES, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-implementation", default=None)
     args = parser.parse_args(argv)
 
-    from block_transformer.bench.throughput import Setting, bytes_per_decode_step, measure_generation
+    from block_transformer.bench.settings import Setting
+    from block_transformer.bench.throughput import bytes_per_decode_step, measure_generation
 
     torch.set_num_threads(args.threads)
     setting = Setting(**json.loads(args.setting))
-    model = load(args.kind, args.model, getattr(torch, args.dtype), args.device)
+    model = load(args.kind, args.model, torch_dtype(args.dtype), args.device)
     extra = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
     result = measure_generation(model, setting, repeats=args.repeats, **extra)
     result["bytes_per_decode_step"] = bytes_per_decode_step(model, setting)

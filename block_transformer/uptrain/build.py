@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from ..sources import Source
+from ..dtypes import torch_dtype
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
-from .recipe import Recipe, RecipeError
+from ..sources import Source
+from .recipe import Recipe
 
 if TYPE_CHECKING:
     from .preflight import Blueprint
@@ -89,8 +90,8 @@ def exportable_model(config: BlockTransformerConfig, full_state: dict, recipe: R
     model.load_state_dict(full_state)
     if recipe.lora.enabled:
         model = model.merge_and_unload()
-    dtype = recipe.output.dtype
-    return (model.to(getattr(torch, dtype)) if dtype else model).eval()
+    dtype = torch_dtype(recipe.output.dtype)
+    return (model.to(dtype) if dtype else model).eval()
 
 
 def base_name(name: str) -> str:

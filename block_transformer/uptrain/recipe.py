@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..convert.inits import DEFAULT_INIT, INITS
+from ..dtypes import DTYPES
 from ..errors import BlockTransformerError
 
 
@@ -146,7 +147,7 @@ class OutputSection(_Section):
     overwrite: bool = False
     push_to_hub: str | None = None  # repo id
     private: bool = True
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # weights of the export; default float32
+    dtype: Literal[DTYPES] | None = None  # weights of the export; default float32
 
 
 class Recipe(_Section):
