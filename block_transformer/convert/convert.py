@@ -72,15 +72,7 @@ def convert_model(
     source_info: dict | None = None,
 ) -> BlockTransformerForCausalLM:
     """Surgery on an in-memory causal LM: copy its weights, then initialise the new modules."""
-    config, structure = conversion_config(
-        source_model,
-        split,
-        block_len,
-        num_prefix_tokens=num_prefix_tokens,
-        init=init,
-        separator_id=separator_id,
-        source_info=source_info,
-    )
+    config, structure = conversion_config(source_model, split, block_len, num_prefix_tokens, init, separator_id, source_info)
     model = BlockTransformerForCausalLM(config).to(source_model.get_input_embeddings().weight.dtype)
     copy_source_weights(model, source_model, structure)
     init_new_modules(model, init, separator_id)
@@ -89,13 +81,7 @@ def convert_model(
 
 
 def conversion_config(
-    source_model: PreTrainedModel,
-    split: Split,
-    block_len: int,
-    *,
-    num_prefix_tokens: int = 2,
-    init: str = DEFAULT_INIT,
-    separator_id: int,
+    source_model: PreTrainedModel, split: Split, block_len: int, num_prefix_tokens: int, init: str, separator_id: int,
     source_info: dict | None = None,
 ) -> tuple[BlockTransformerConfig, Structure]:
     """The converted model's config (with its conversion record), and where the source keeps its parts.

@@ -163,8 +163,7 @@ def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrained
     check_conversion(source.config, split, m.block_len, m.num_prefix_tokens)  # before anything is built
     tokenizer = source.load_tokenizer()
     separator_id = resolve_separator(tokenizer, source.config, m.separator, setting="model.separator")
-    config, _ = conversion_config(source.skeleton(), split, m.block_len, num_prefix_tokens=m.num_prefix_tokens,
-                                  init=m.init, separator_id=separator_id)
+    config, _ = conversion_config(source.skeleton(), split, m.block_len, m.num_prefix_tokens, m.init, separator_id)
     return config, tokenizer, split, source
 
 
