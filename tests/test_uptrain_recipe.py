@@ -138,3 +138,19 @@ def test_dry_run_plans_the_config_the_conversion_builds(tmp_path, model_type):
 def test_recipe_error_type():
     with pytest.raises(RecipeError):
         load_recipe(TINY_RECIPE, ["train.nope=1"])
+
+
+def test_a_converted_folder_finds_its_local_source_as_the_teacher(recipe_file, tmp_path):
+    """Regression: a folder converted from a local source could not name its teacher; --dry-run passed and
+    the run failed later. Conversion now records the source's resolved path and the plan resolves it."""
+    from block_transformer.cli import convert_cmd
+
+    source = yaml.safe_load(recipe_file.read_text())["model"]["source"]
+    folder = tmp_path / "converted"
+    converted = CliRunner().invoke(convert_cmd, [source, "--block-len", "4", "--split", "2/2", "-o", str(folder)])
+    assert converted.exit_code == 0, converted.output
+    sets = ["--set", "model.source=null", "--set", f"model.path={folder}", "--set", "distill.hidden_weight=1.0"]
+    result = run(recipe_file, "--dry-run", *sets)
+    assert result.exit_code == 0, result.output
+    Path(source).rename(tmp_path / "moved")  # once the source is gone, the error says what to set, before any work
+    assert_one_line_error(run(recipe_file, "--dry-run", *sets), "set distill.teacher")

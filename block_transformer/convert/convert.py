@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
@@ -10,7 +11,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from .. import __version__
 from ..errors import ConversionError, Refused
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
-from ..sources import resolve_source
+from ..sources import Source, resolve_source
 from . import probe
 from .discovery import Structure, find_structure, measure_arithmetic
 from .families import DEFAULT_ENTRY, Family, family_for
@@ -48,7 +49,7 @@ def convert(
         num_prefix_tokens=num_prefix_tokens,
         init=init,
         separator_id=resolve_separator(tokenizer, source_model.config, separator, setting="--separator"),
-        source_info={"source": src.name, "source_kind": src.kind, "revision": src.revision, **src.metadata},
+        source_info={"source": src.name, "source_kind": src.kind, "revision": src.revision, **_local_path(src), **src.metadata},
     )
     if check:
         report = probe.check(source_model, model)
@@ -59,6 +60,13 @@ def convert(
             report.logits_error,
         )
     return model, tokenizer, src
+
+
+def _local_path(src: Source) -> dict:
+    """Where a local source lies, so uptraining can find it again as the teacher."""
+    if src.kind == "hub":
+        return {}
+    return {"source_path": str(Path(src.spec).expanduser().resolve())}
 
 
 def convert_model(

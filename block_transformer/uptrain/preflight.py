@@ -174,6 +174,9 @@ def teacher_source(recipe: Recipe, config: BlockTransformerConfig) -> Source | N
     conversion = config.conversion or {}
     if conversion.get("source_kind") == "hub":
         return resolve_source(conversion["source"], revision=conversion.get("revision"))
+    recorded = conversion.get("source_path")
+    if recorded and Path(recorded).exists():  # a local source recorded at conversion, still where it was
+        return resolve_source(recorded)
     if recipe.distill.needs_teacher:
         raise RecipeError(
             f"the teacher (the source of {recipe.model.path}, a {conversion.get('source_kind', 'unknown')} "
