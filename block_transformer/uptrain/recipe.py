@@ -1,32 +1,65 @@
 """Uptraining recipes: a YAML file validated against a schema before any work starts.
 
 Every section is a pydantic model that forbids unknown keys, so a typo (``lerning_rate``) is an error
-that names the key and the closest valid one instead of a silently ignored setting. Values that
-cannot work together (two budgets, a held-out size beside an explicit eval set) are errors too; what
-depends on the model (``data.seq_len`` against its block length, the split, the separator) is checked
-by :mod:`block_transformer.uptrain.preflight`. ``--set train.lr=1e-4`` overrides any field from the command line, parsed as YAML.
+that names the key and the closest valid one instead of a silently ignored setting. Types are strict
+and numbers finite (``batch_size: true`` is not 1, ``lr: .inf`` is not a learning rate), so a value
+that would fail or misbehave steps into the run is refused here. Values that cannot work together
+(two budgets, a held-out size beside an explicit eval set, a warmup longer than the run) are errors
+too; an eval or checkpoint interval longer than the run is a warning. What depends on the model
+(``data.seq_len`` against its block length, the split, the separator) is checked by
+:mod:`block_transformer.uptrain.preflight`. ``--set train.lr=1e-4`` overrides any field from the
+command line, parsed as YAML.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..convert.inits import DEFAULT_INIT, INITS
 from ..dtypes import DTYPES
 from ..errors import BlockTransformerError
 
 
+logger = logging.getLogger(__name__)
+
+
 class RecipeError(BlockTransformerError):
     """A recipe that cannot be run: unknown keys, wrong types, impossible values, missing files."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2's floats: ``1e-4`` is a number (YAML 1.1 wants ``1.0e-4`` and reads ``1e-4`` as a
+    string), so ``--set train.lr=1e-4`` works with the strict schema, which takes no numeric strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no bool -> int (batch_size: true is not 1), no "8" -> 8; finite: lr: .inf is refused
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
+"""An Adam moment decay: in [0, 1), as torch requires, checked here rather than at the first step."""
+
+
+def _list_as_tuple(value: Any) -> Any:
+    """YAML writes a pair as a list; strict mode takes a tuple only as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+Betas = Annotated[tuple[Beta, Beta], BeforeValidator(_list_as_tuple)]
 
 
 class ModelSection(_Section):
@@ -77,7 +110,7 @@ class TrainSection(_Section):
     max_tokens: int | None = Field(None, ge=1)
     lr: float = Field(3e-4, gt=0)
     new_modules_lr_multiplier: float = Field(1.0, gt=0)  # embedder, prefix, start, token-decoder table
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int | None = Field(None, ge=0)
@@ -160,6 +193,22 @@ class Recipe(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     output: OutputSection
 
+    @model_validator(mode="after")
+    def _warmup_within_the_run(self) -> Recipe:
+        warmup = self.train.warmup_steps
+        if warmup is not None and warmup > self.total_steps:
+            raise ValueError(
+                f"train.warmup_steps {warmup} is longer than the run ({self.total_steps} steps): "
+                "lower it, or use train.warmup_fraction."
+            )
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the run: ``train.max_steps``, or ``train.max_tokens`` in whole global batches."""
+        t = self.train
+        return t.max_steps or math.ceil(t.max_tokens / (t.batch_size * self.data.seq_len))
+
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or f"{self.output.dir.rstrip('/')}.checkpoints").expanduser()
@@ -174,14 +223,16 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"no such recipe file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must hold a mapping of sections (model, data, train, ...).")
     for item in overrides:
         apply_override(raw, item)
-    return validate(raw, str(path))
+    recipe = validate(raw, str(path))
+    warn_long_intervals(recipe)
+    return recipe
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -196,7 +247,7 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"--set {item!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value else None
+    node[parts[-1]] = yaml.load(value, Loader=_Loader) if value else None
 
 
 def validate(raw: dict, where: str = "recipe") -> Recipe:
@@ -204,6 +255,18 @@ def validate(raw: dict, where: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(f"{where}: " + "; ".join(_explain(e) for e in err.errors())) from None
+
+
+def warn_long_intervals(recipe: Recipe) -> None:
+    """Eval and checkpoint intervals longer than the run are allowed (the run still evaluates at its start
+    and end) but are likely a budget lowered without them: say so before any work."""
+    steps = recipe.total_steps
+    if recipe.eval.every > steps:
+        logger.warning("eval.every %d is longer than the run (%d steps): the model is evaluated only at the "
+                       "start and the end. Lower eval.every, or set it to 0 to say so.", recipe.eval.every, steps)
+    if recipe.checkpoint.every > steps:
+        logger.warning("checkpoint.every %d is longer than the run (%d steps): no intermediate checkpoint is "
+                       "written. Lower checkpoint.every, or set it to 0 to say so.", recipe.checkpoint.every, steps)
 
 
 def _explain(error: dict) -> str:
