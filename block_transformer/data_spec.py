@@ -13,10 +13,17 @@ A spec is either **local** or a **hub dataset**:
 
 A string that names an existing path, contains a glob character or starts with ``.``, ``/`` or ``~``
 is local; anything else is a hub dataset. Evaluation and uptraining both take this format.
+
+A local spec is checked when it is parsed, before any model is loaded: every ``.txt``/``.jsonl`` file
+must be UTF-8 (the error names the file and the byte offset of the first bad byte) and the files
+together must hold some text. The UTF-8 check reads each file once per process (again only if it
+changes), so a corpus that is read whole anyway costs one more pass at disk speed.
 """
 
 from __future__ import annotations
 
+import codecs
+import functools
 import glob
 import json
 import logging
@@ -53,12 +60,15 @@ class DataSpec:
 
     @classmethod
     def parse(cls, spec: str, text_field: str = DEFAULT_TEXT_FIELD) -> DataSpec:
-        """Classify and resolve ``spec``; raises :class:`DataError` with what to do when it cannot be used."""
+        """Classify and resolve ``spec`` (a local one is also checked, see the module docstring);
+        raises :class:`DataError` with what to do when it cannot be used."""
         if not spec or not spec.strip():
             raise DataError("empty data spec: pass a file, folder, glob or hub dataset name[:config][:split].")
         if _is_local(spec):
             root, files = _local_files(spec)
-            return cls(spec=spec, kind="local", files=tuple(files), root=root, text_field=text_field)
+            parsed = cls(spec=spec, kind="local", files=tuple(files), root=root, text_field=text_field)
+            parsed._check_local_text()
+            return parsed
         parts = spec.split(":")
         if len(parts) > 3 or not all(parts):
             raise DataError(f"bad hub dataset spec {spec!r}: use name[:config][:split], e.g. wikitext:wikitext-2-raw-v1:test.")
@@ -74,11 +84,22 @@ class DataSpec:
     def check_available(self) -> None:
         """Fail now, in seconds, if the documents cannot be read (before any expensive work).
 
-        Local files were resolved at parse time; a hub dataset needs the ``datasets`` library, online
-        mode and a reachable hub.
+        Local files were resolved and checked at parse time; a hub dataset needs the ``datasets``
+        library, online mode and a reachable hub.
         """
         if self.kind == "hub":
             _check_hub_available(self)
+
+    def _check_local_text(self) -> None:
+        """UTF-8 throughout, and at least one document that is not empty: otherwise the first read of the
+        data, after a model is loaded or converted, would fail with a traceback."""
+        for path in self.files:
+            if path.suffix in (".txt", ".jsonl"):
+                stat = path.stat()
+                _check_utf8(path, stat.st_size, stat.st_mtime_ns)
+        if next(self.documents(), None) is None:
+            where = str(self.files[0]) if len(self.files) == 1 else f"{self.spec} ({len(self.files)} files)"
+            raise DataError(f"{where} holds no text: every document is empty. Point the data at files with text.")
 
     def documents(self) -> Iterator[tuple[str, str]]:
         """(name, text) of every document, in a fixed order; empty documents are skipped."""
@@ -144,6 +165,30 @@ def _static_prefix(parts: tuple[str, ...]) -> list[str]:
 
 def _relative_name(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
+
+
+@functools.lru_cache(maxsize=None)
+def _check_utf8(path: Path, size: int, mtime_ns: int) -> None:
+    """Raise :class:`DataError` at the first byte of ``path`` that is not UTF-8. Read in chunks, so a large
+    file never sits in memory; ``size`` and ``mtime_ns`` key the cache, so a changed file is read again."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, newlines = 0, 0  # bytes and line ends before the current chunk
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:  # err.object: the bytes held back from the last chunk, then this one
+                at = offset - (len(err.object) - len(chunk)) + err.start
+                line = newlines + err.object[: err.start].count(b"\n") + 1
+                raise DataError(
+                    f"{path} is not UTF-8 text: byte {at:,} (line {line:,}) is invalid ({err.reason}). "
+                    "Re-encode the file as UTF-8 (e.g. iconv -f LATIN1 -t UTF-8) or leave it out of the data."
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+            newlines += chunk.count(b"\n")
 
 
 def _read_file(path: Path, name: str, text_field: str) -> Iterator[tuple[str, str]]:

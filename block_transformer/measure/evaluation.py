@@ -129,10 +129,7 @@ def scored_tokens(
     if spec.kind == "hub":
         corpus = tokenize_corpus(tokenizer, spec.first_documents(tokenizer, max_tokens or HELDOUT_TOKENS), separator_id)
         return ScoredTokens(corpus.ids, corpus, 0, f"split {spec.split!r} from its first example")
-    documents = dict(spec.documents())
-    if not documents:
-        raise EvaluationError(f"{spec.spec} holds no text: every document is empty.")
-    corpus = tokenize_corpus(tokenizer, documents, separator_id)
+    corpus = tokenize_corpus(tokenizer, dict(spec.documents()), separator_id)  # parsing checked it holds text
     total = corpus.ids.numel()
     tail = HELDOUT_TOKENS if heldout_tokens is None else heldout_tokens
     if tail < 0:

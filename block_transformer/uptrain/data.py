@@ -196,7 +196,7 @@ class StreamingData:
 
 def is_streamed(data: DataSection) -> bool:
     """``data.streaming``; by default hub datasets stream and local files are read whole."""
-    return data.streaming if data.streaming is not None else DataSpec.parse(data.train).kind != "local"
+    return data.streaming if data.streaming is not None else DataSpec.parse(data.train, data.text_field).kind != "local"
 
 
 def require_heldout_source(data: DataSection) -> None:
