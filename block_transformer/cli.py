@@ -10,31 +10,11 @@ import click
 
 from .bench.settings import PRESETS
 from .commands import command, friendly_errors, setup_logging
+from .convert.init_names import DEFAULT_INIT, INITS
 from .dtypes import DTYPES, torch_dtype
 from .uptrain.command import uptrain_cmd
 
 __all__ = ["bench_cmd", "convert_cmd", "eval_cmd", "fetch_demo_cmd", "push_cmd", "uptrain_cmd"]
-
-
-class _LibraryNames(click.ParamType):
-    """One of the names a library module defines, read when a value is checked rather than when the
-    command is built: the module needs torch, and ``--help`` must answer without it."""
-
-    name = "name"
-
-    def __init__(self, module: str, names: str, metavar: str):
-        self.module, self.names, self.metavar = module, names, metavar
-
-    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
-        return self.metavar
-
-    def convert(self, value, param, ctx):
-        import importlib
-
-        names = getattr(importlib.import_module(self.module), self.names)
-        if value not in names:
-            self.fail(f"{value!r} is not one of {', '.join(map(repr, names))}.", param, ctx)
-        return value
 
 
 def _preset_help() -> str:
@@ -56,9 +36,8 @@ Examples:
 @click.option("--split", "split", required=True, help="Layers for block/token decoder, A/B with A+B = N, e.g. 6/6.")
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--prefix-tokens", "prefix_tokens", type=int, default=2, show_default=True, help="Prefix length N_P.")
-@click.option("--init", "init", type=_LibraryNames("block_transformer.convert.inits", "INITS", "INIT"), default=None,
-              help="Init of the new modules: sink (sink-aware, best step-0 perplexity; the default) or reference "
-                   "(the reference code's).")
+@click.option("--init", "init", type=click.Choice(INITS), default=DEFAULT_INIT, show_default=True,
+              help="Init of the new modules: sink (sink-aware, best step-0 perplexity) or reference (the reference code's).")
 @click.option("--dtype", type=click.Choice(DTYPES), default=None, help="Weights dtype [default: the source's; fp32 for GGUF].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--separator", default=None, help="Document-separator token [default: the family's pretraining one].")
@@ -77,7 +56,8 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
     The lower A layers become the block decoder (global attention over blocks of L_B tokens), the
     upper B layers the token decoder (local attention inside a block). Copied weights are exact.
     """
-    from .convert import DEFAULT_INIT, Split, convert
+    from .convert.convert import convert
+    from .convert.surgery import Split
     from .export import check_output, save_model_folder
     from .hub import check_push_possible, check_repo_id
 
@@ -93,7 +73,7 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
         Split.parse(split),
         block_len,
         num_prefix_tokens=prefix_tokens,
-        init=init or DEFAULT_INIT,
+        init=init,
         dtype=torch_dtype(dtype),
         revision=revision,
         separator=separator,

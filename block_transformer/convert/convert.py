@@ -15,7 +15,8 @@ from ..sources import Source, resolve_source
 from . import probe
 from .discovery import Structure, find_structure, measure_arithmetic
 from .families import DEFAULT_ENTRY, Family, family_for
-from .inits import DEFAULT_INIT, init_new_modules
+from .init_names import DEFAULT_INIT
+from .inits import init_new_modules
 from .surgery import Split, build_config, check_conversion, copy_source_weights, is_tied
 
 logger = logging.getLogger(__name__)

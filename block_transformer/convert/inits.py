@@ -23,11 +23,10 @@ from tqdm.auto import tqdm
 from ..modeling import BlockTransformerForCausalLM
 from ..modeling.modeling_block_transformer import cache_kwarg
 from .discovery import position_signal
+from .init_names import DEFAULT_INIT, INITS  # noqa: F401 - DEFAULT_INIT re-exported for callers
 
 logger = logging.getLogger(__name__)
 
-INITS = ("sink", "reference")
-DEFAULT_INIT = "sink"  # 85x lower step-0 perplexity on SmolLM2-135M (benchmarks/results/step0_ppl.json)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ def load_model(recipe: Recipe, blueprint: Blueprint) -> tuple[BlockTransformerFo
     if m.path is not None:
         model = BlockTransformerForCausalLM.from_pretrained(Path(m.path).expanduser(), dtype=torch.float32)
         return model, blueprint.tokenizer
-    from ..convert import convert
+    from ..convert.convert import convert
 
     model, tokenizer, _ = convert(
         m.source, blueprint.split, m.block_len, m.num_prefix_tokens, init=m.init, dtype=torch.float32,

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from ..convert.inits import DEFAULT_INIT, INITS
+from ..convert.init_names import DEFAULT_INIT, INITS
 from ..dtypes import DTYPES
 from ..errors import BlockTransformerError
 
