@@ -132,14 +132,15 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     removed = []
     for candidate in out.parent.glob(f".{out.name}.tmp-*-*"):
         pid = candidate.name[len(f".{out.name}.tmp-") :].split("-", 1)[0]
-        if candidate.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if candidate.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             logger.warning("removing %s, left half-written by a process that no longer runs (pid %s)", candidate, pid)
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,6 +13,7 @@ processes. Only the main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -112,7 +113,17 @@ class StepResult:
 
 
 def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe") -> Path:
-    """Run ``recipe`` (optionally resuming a checkpoint) and export the trained model folder."""
+    """Run ``recipe`` (optionally resuming a checkpoint) and export the trained model folder.
+
+    The main process holds the lock of the checkpoint folder throughout, so a second run into the same
+    folders fails before it checks or loads anything.
+    """
+    main = int(os.environ.get("RANK", "0")) == 0  # before accelerate is set up: torchrun and accelerate set RANK
+    with checkpoint.run_lock(recipe.checkpoint_dir) if main else contextlib.nullcontext():
+        return _uptrain(recipe, resume, recipe_name)
+
+
+def _uptrain(recipe: Recipe, resume: str | None, recipe_name: str) -> Path:
     run = setup(recipe, resume, recipe_name)
     if run.state.step == 0:
         evaluate(run)

@@ -1,0 +1,122 @@
+"""Runs and their checkpoints: one run per folder (a lock)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from block_transformer.uptrain import checkpoint, loop
+from block_transformer.uptrain.command import uptrain_cmd
+from block_transformer.uptrain.loop import uptrain
+from conftest import TINY_RECIPE, assert_one_line_error, tiny_recipe
+
+TESTS = Path(__file__).resolve().parent
+QUICK = {"eval.every": 0, "eval.source_reference": False}
+
+
+def cli(tmp_path: Path, *args: str, **overrides) -> list[str]:
+    """bt-uptrain arguments: the tiny recipe pointed at the files :func:`tiny_recipe` made under ``tmp_path``."""
+    sets = {"model.source": tmp_path / "src-llama", "data.train": tmp_path / "corpus", "output.dir": tmp_path / "out",
+            **overrides}
+    return [str(TINY_RECIPE), *(f"--set={k}={v}" for k, v in sets.items()), *args]
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# ----------------------------------------------------------------------------------------------------
+# One run per checkpoint folder (issue 13, item 2)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_into_the_same_folders_fails_at_once_naming_the_holder(tmp_path, monkeypatch):
+    """Regression: two runs into one output trained together, wiping each other's metrics and checkpoints."""
+    settings = {"train.max_steps": 2, "checkpoint.every": 0, **QUICK}
+    tiny_recipe(tmp_path)  # the source and corpus both runs read
+    holder_script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from block_transformer.uptrain import loop
+        from conftest import tiny_recipe
+
+        real = loop.train_step
+
+        def slow_step(run, batch):
+            result = real(run, batch)
+            print("training", flush=True)
+            time.sleep(120)
+            return result
+
+        loop.train_step = slow_step
+        loop.uptrain(tiny_recipe(Path(sys.argv[1]), **{settings!r}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "holder.log").open("w") as log:
+        holder = subprocess.Popen([sys.executable, "-c", holder_script, str(tmp_path)], env=env,
+                                  stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "training", (tmp_path / "holder.log").read_text()[-3000:]
+        checked = []
+        monkeypatch.setattr(loop, "check_before_work", lambda *a: checked.append(a) or pytest.fail("ran on"))
+        result = CliRunner().invoke(uptrain_cmd, cli(tmp_path, **settings))
+        assert_one_line_error(result, "in use by another bt-uptrain run", f"pid {holder.pid} ", "output.dir")
+        assert not checked, "it failed before any check or model work"
+        assert holder.poll() is None, "the first run goes on"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_is_exclusive_and_released(tmp_path):
+    root = tmp_path / "ckpt"
+    with checkpoint.run_lock(root):
+        record = json.loads((root / checkpoint.LOCK_FILE).read_text())
+        assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+        with pytest.raises(checkpoint.RunLockedError, match=f"in use by another bt-uptrain run \\(pid {os.getpid()} on "):
+            with checkpoint.run_lock(root):
+                pass
+    assert not root.exists(), "a folder the lock made and nothing else used is removed"
+    root.mkdir()
+    with checkpoint.run_lock(root):
+        pass
+    assert root.is_dir() and not (root / checkpoint.LOCK_FILE).exists()
+
+
+def test_a_stale_lock_of_a_dead_run_is_reported_and_taken_over(tmp_path, caplog):
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2, "checkpoint.every": 0, **QUICK})
+    pid = dead_pid()
+    recipe.checkpoint_dir.mkdir(parents=True)
+    (recipe.checkpoint_dir / checkpoint.LOCK_FILE).write_text(
+        json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}))
+    with caplog.at_level(logging.WARNING):
+        uptrain(recipe)
+    stale = [r.getMessage() for r in caplog.records if "stale lock" in r.getMessage()]
+    assert len(stale) == 1 and f"pid {pid} " in stale[0] and "no longer running" in stale[0], caplog.text
+    assert not (recipe.checkpoint_dir / checkpoint.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("host, fragment", [(socket.gethostname(), "still running but holds no lock"),
+                                            ("elsewhere.example", "on another machine")])
+def test_a_lock_file_that_cannot_be_proven_stale_is_refused(tmp_path, host, fragment):
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    lock = root / checkpoint.LOCK_FILE
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": host, "started": "2026-01-01T00:00:00+00:00"}))
+    with pytest.raises(checkpoint.RunLockedError, match=fragment) as err:
+        with checkpoint.run_lock(root):
+            pass
+    assert f"delete {lock}" in str(err.value)
+    assert json.loads(lock.read_text())["pid"] == os.getppid(), "the lock file is left as it was"
