@@ -1,4 +1,4 @@
-"""Runs and their checkpoints: one run per folder (a lock)."""
+"""Runs and their checkpoints: one run per folder (a lock), verified checkpoints."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from block_transformer.uptrain import checkpoint, loop
+from block_transformer.uptrain import checkpoint, loop, preflight
 from block_transformer.uptrain.command import uptrain_cmd
 from block_transformer.uptrain.loop import uptrain
+from block_transformer.uptrain.recipe import RecipeError
 from conftest import TINY_RECIPE, assert_one_line_error, tiny_recipe
 
 TESTS = Path(__file__).resolve().parent
@@ -34,6 +35,19 @@ def dead_pid() -> int:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return process.pid
+
+
+def crash_after_checkpoint(monkeypatch, at_step: int) -> None:
+    """The run is killed right after checkpoint ``at_step`` is written (the caller undoes it)."""
+    real = checkpoint.save
+
+    def save_then_crash(accelerator, root, step, state, keep_last):
+        path = real(accelerator, root, step, state, keep_last)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,3 +134,58 @@ def test_a_lock_file_that_cannot_be_proven_stale_is_refused(tmp_path, host, frag
             pass
     assert f"delete {lock}" in str(err.value)
     assert json.loads(lock.read_text())["pid"] == os.getppid(), "the lock file is left as it was"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verified checkpoints (issue 13, item 3)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", checkpoint.STATE_FILE])
+def test_a_corrupt_newest_checkpoint_is_skipped_before_any_model_work(tmp_path, monkeypatch, caplog, damaged):
+    """Regression: a truncated newest checkpoint gave a traceback after conversion; the intact one was not used."""
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 6, "checkpoint.every": 2, "checkpoint.keep_last": 3, **QUICK})
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        crash_after_checkpoint(patched, at_step=4)
+        uptrain(recipe)
+    newest = recipe.checkpoint_dir / "step-0000004"
+    file = newest / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+    with caplog.at_level(logging.WARNING):
+        blueprint = preflight.check_before_work(recipe, "")  # configs and tokenizer only: no weights
+    assert blueprint.resume_path == recipe.checkpoint_dir / "step-0000002"
+    warning = next(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    assert "step-0000002" in warning and f"skipped step-0000004 ({damaged} is" in warning, warning
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        uptrain(recipe, resume="")
+    assert any("resumed from" in r.getMessage() and "step-0000002 at step 2" in r.getMessage() for r in caplog.records)
+    assert (Path(recipe.output.dir) / "model.safetensors").is_file()
+    assert checkpoint.problem(recipe.checkpoint_dir / "step-0000004") is None, "rewritten by the resumed run"
+
+
+def test_checkpoint_verification_names_what_is_wrong(tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 4, "checkpoint.every": 1, **QUICK})
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        crash_after_checkpoint(patched, at_step=2)
+        uptrain(recipe)
+    first, last = checkpoint.checkpoints(recipe.checkpoint_dir)
+    assert checkpoint.problem(first) is None and checkpoint.problem(last) is None
+    manifest = json.loads((last / checkpoint.MANIFEST_FILE).read_text())["files"]
+    assert {"model.safetensors", "optimizer.bin", checkpoint.STATE_FILE} <= set(manifest)
+
+    weights = last / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    weights.write_bytes(bytes(data))
+    assert "no longer matches the sha256" in checkpoint.problem(last)
+    with pytest.raises(RecipeError, match="step-0000002 cannot be resumed: model.safetensors no longer matches"):
+        checkpoint.resolve(last, recipe.checkpoint_dir)  # named explicitly: an error, not a fallback
+    (first / "optimizer.bin").unlink()
+    assert checkpoint.problem(first) == "optimizer.bin is missing"
+    with pytest.raises(RecipeError, match="no intact checkpoint to resume from .*step-0000002 .*step-0000001 "):
+        checkpoint.resolve("", recipe.checkpoint_dir)
+    (first / checkpoint.MANIFEST_FILE).unlink()
+    assert "no manifest.json" in checkpoint.problem(first)

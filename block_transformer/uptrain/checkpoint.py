@@ -2,7 +2,10 @@
 
 Each checkpoint is written to a hidden temporary folder and renamed to ``step-NNNNNNN`` only when it
 is complete, so a run killed mid-save leaves the previous checkpoint intact. The trainer state
-(``trainer_state.json``) holds the step, tokens seen, the eval history and the data position.
+(``trainer_state.json``) holds the step, tokens seen, the eval history and the data position. The
+manifest (``manifest.json``), written last, records every file's size and sha256: a checkpoint is
+trusted only when its files still match it, because a disk that filled up or a copy that was cut
+short leaves files that load as garbage or as a traceback minutes into a resumed run.
 
 A run holds :func:`run_lock` on its checkpoint folder from start to end, so that a second run into the
 same folders fails at once instead of interleaving its checkpoints and metrics with the first's.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +36,7 @@ from .recipe import RecipeError
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"  # written last: the size and sha256 of every other file
 LOCK_FILE = ".bt-uptrain.lock"  # in the checkpoint folder while a run uses it: who holds it
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -41,10 +46,10 @@ class RunLockedError(BlockTransformerError):
 
 
 def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """The checkpoint folders under ``root`` (intact or not: see :func:`problem`), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
@@ -57,8 +62,10 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, keep_last
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are in before the manifest
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        _write_manifest(tmp)
         replace_folder(tmp, final)
         for old in checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -67,15 +74,57 @@ def save(accelerator: Accelerator, root: Path, step: int, state: dict, keep_last
     return final
 
 
+def problem(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be trusted, or None when every file is as it was saved."""
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+        entries = [(name, int(entry["size"]), str(entry["sha256"])) for name, entry in files.items()]
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE}: it was not completely saved"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST_FILE} is unreadable"
+    if STATE_FILE not in files:
+        return f"its {MANIFEST_FILE} does not list {STATE_FILE}"
+    for name, size, sha256 in entries:
+        file = path / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"its {MANIFEST_FILE} names {name}, outside the checkpoint"
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size:,} bytes, {size:,} when saved (truncated?)"
+        if _sha256(file) != sha256:
+            return f"{name} no longer matches the sha256 recorded when it was saved (corrupt)"
+    return None
+
+
 def resolve(resume: str | Path, default_root: Path) -> Path:
-    """``--resume`` without a value means the latest checkpoint of the recipe's checkpoint dir."""
+    """The checkpoint to resume, verified: ``--resume`` without a value means the newest intact one.
+
+    A damaged newest checkpoint is skipped with a warning that names it and why; a damaged checkpoint
+    named explicitly is an error. Only files are read (and hashed): no weights are loaded.
+    """
     path = Path(resume).expanduser() if resume else default_root
-    if (path / STATE_FILE).is_file():
+    if _NAME.match(path.name) or (path / MANIFEST_FILE).is_file() or (path / STATE_FILE).is_file():
+        why = problem(path)
+        if why:
+            raise RecipeError(f"checkpoint {path} cannot be resumed: {why}. Resume another one: --resume with no "
+                              "folder takes the newest intact checkpoint of the recipe's run.")
         return path
     found = checkpoints(path)
     if not found:
         raise RecipeError(f"no checkpoint to resume from in {path}: start without --resume, or point to a step-N folder.")
-    return found[-1]
+    skipped = []
+    for candidate in reversed(found):
+        why = problem(candidate)
+        if why is None:
+            if skipped:
+                logger.warning("resuming from %s, the newest intact checkpoint: skipped %s", candidate.name,
+                               "; ".join(skipped))
+            return candidate
+        skipped.append(f"{candidate.name} ({why})")
+    raise RecipeError(f"no intact checkpoint to resume from in {path}: {'; '.join(skipped)}. Start a new run with "
+                      "--set checkpoint.dir=<a new folder> (without --resume).")
 
 
 def read_state(path: Path) -> dict:
@@ -181,3 +230,18 @@ def _describe(holder: dict | None) -> str:
     if not holder or not isinstance(holder.get("pid"), int):
         return "holder unknown"
     return f"pid {holder['pid']} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+
+
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json``: size and sha256 of every file of the finished checkpoint, written last."""
+    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
