@@ -1,10 +1,11 @@
-"""Runs and their checkpoints: one run per folder (a lock), verified checkpoints."""
+"""Runs and their checkpoints: one run per folder (a lock), verified checkpoints, and resuming a finished run."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -189,3 +190,58 @@ def test_checkpoint_verification_names_what_is_wrong(tmp_path, monkeypatch):
         checkpoint.resolve("", recipe.checkpoint_dir)
     (first / checkpoint.MANIFEST_FILE).unlink()
     assert "no manifest.json" in checkpoint.problem(first)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resuming a finished run (issue 13, item 5)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_stops_at_start_up_in_recipe_terms(tmp_path, monkeypatch):
+    """Regression: it retrained from the last intermediate checkpoint, then failed naming -o/--overwrite."""
+    settings = {"train.max_steps": 4, "checkpoint.every": 3, **QUICK}
+    recipe = tiny_recipe(tmp_path, **settings)
+    uptrain(recipe)
+    assert checkpoint.checkpoints(recipe.checkpoint_dir)[-1].name == "step-0000004", "the last step is checkpointed"
+
+    with monkeypatch.context() as patched:
+        patched.setattr(loop, "load_model", lambda *a: pytest.fail("loaded a model"))
+        result = CliRunner().invoke(uptrain_cmd, cli(tmp_path, "--resume", **settings))
+    assert_one_line_error(result, f"output {recipe.output.dir} already exists", "--set output.overwrite=true",
+                          "--set output.dir=")
+    assert not re.search(r"\s(-o|--overwrite)\b", result.output), result.output
+
+    monkeypatch.setattr(loop, "train_step", lambda *a: pytest.fail("trained again"))
+    before = (recipe.checkpoint_dir / loop.METRICS_FILE).read_text()
+    result = CliRunner().invoke(uptrain_cmd, cli(tmp_path, "--resume", **settings, **{"output.overwrite": "true"}))
+    assert result.exit_code == 0, result.output
+    assert (recipe.checkpoint_dir / loop.METRICS_FILE).read_text() == before
+    assert json.loads((Path(recipe.output.dir) / loop.SUMMARY_FILE).read_text())["steps"] == 4
+
+
+def test_the_last_step_is_checkpointed_without_intermediate_checkpoints(tmp_path):
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 3, "checkpoint.every": 0, **QUICK})
+    uptrain(recipe)
+    assert [p.name for p in checkpoint.checkpoints(recipe.checkpoint_dir)] == ["step-0000003"]
+
+
+def test_the_resume_warning_names_only_the_fields_that_change_the_result(tmp_path, caplog):
+    settings = {"train.max_steps": 2, "checkpoint.every": 0, **QUICK}
+    recipe = tiny_recipe(tmp_path, **settings)
+    uptrain(recipe)
+
+    harmless = {"output.dir": tmp_path / "elsewhere", "output.dtype": "bfloat16", "train.log_every": 5,
+                "eval.every": 1, "checkpoint.keep_last": 1, "checkpoint.dir": recipe.checkpoint_dir}
+    with caplog.at_level(logging.WARNING):
+        uptrain(tiny_recipe(tmp_path, **{**settings, **harmless}), resume="")
+    assert not [r for r in caplog.records if "recipe differs" in r.getMessage()], caplog.text
+
+    changed = tiny_recipe(tmp_path, **{**settings, "train.lr": 1e-3, "data.seq_len": 64, "output.overwrite": True})
+    with caplog.at_level(logging.WARNING):
+        uptrain(changed, resume="")
+    warning = next(r.getMessage() for r in caplog.records if "recipe differs" in r.getMessage())
+    assert "train.lr: 0.003 -> 0.001" in warning and "data.seq_len: 32 -> 64" in warning
+    assert "output." not in warning and "log_every" not in warning
+
+    assert loop.recipe_changes(recipe.to_yaml(), recipe) == []
+    assert loop.recipe_changes("", recipe) == []

@@ -28,27 +28,31 @@ class ExportError(BlockTransformerError):
     """An output that may not be written, or a folder that is not a complete Block Transformer folder."""
 
 
-def check_output(out: Path, overwrite: bool, inputs: Sequence[Path | str] = ()) -> None:
+def check_output(out: Path, overwrite: bool, inputs: Sequence[Path | str] = (), *,
+                 elsewhere: str = "Pick another -o", replace: str = "pass --overwrite to replace it") -> None:
     """Fail before any work when the output exists and may not be replaced, or would replace an input.
 
     ``inputs`` are local paths the job reads (a source model, data): an output that is one of them or
     contains one would destroy it when renamed into place, with or without ``--overwrite``.
+    ``elsewhere`` and ``replace`` tell the user how to pick another output or allow replacing it (a
+    recipe has fields where a command has options).
     """
+    other = elsewhere[0].lower() + elsewhere[1:]
     target = Path(out).expanduser().resolve()
     for source in inputs:
         path = Path(source).expanduser()
         if path.exists() and (path.resolve() == target or target in path.resolve().parents):
             raise ExportError(
                 f"output {out} {'is' if path.resolve() == target else 'contains'} the input {source}: "
-                "writing it would destroy the input. Pick another -o."
+                f"writing it would destroy the input. {elsewhere}."
             )
     parent = next((p for p in target.parents if p.exists()), None)
     if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {out}: {parent} is not writable (read-only disk or permissions). Pick another -o.")
+        raise ExportError(f"cannot write {out}: {parent} is not writable (read-only disk or permissions). {elsewhere}.")
     if out.exists() and not overwrite:
-        raise ExportError(f"output {out} already exists: pass --overwrite to replace it, or pick another -o.")
+        raise ExportError(f"output {out} already exists: {replace}, or {other}.")
     if out.exists() and not out.is_dir():
-        raise ExportError(f"output {out} exists and is not a folder: remove it or pick another -o.")
+        raise ExportError(f"output {out} exists and is not a folder: remove it or {other}.")
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
@@ -41,8 +42,8 @@ from . import checkpoint
 from .build import apply_lora, count_parameters, exportable_model, load_model, load_teacher, lr_lambdas, parameter_groups
 from .data import Batch, LocalData, StreamingData, explicit_eval_ids, is_streamed, load_local
 from .losses import RecoveryLoss
-from .preflight import check_before_work, micro_batch_size, total_steps
-from .recipe import Recipe
+from .preflight import check_before_work, check_output_dir, micro_batch_size, total_steps
+from .recipe import Recipe, RecipeError, validate
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Run:
     total_steps: int
     micro_batch_size: int  # sequences per process per forward
     parameters: dict[str, int]
+    checkpointed_step: int | None = None  # the step of the last checkpoint this run saved or resumed from
 
     @property
     def metrics_path(self) -> Path:
@@ -116,7 +118,9 @@ def uptrain(recipe: Recipe, resume: str | None = None, recipe_name: str = "recip
     """Run ``recipe`` (optionally resuming a checkpoint) and export the trained model folder.
 
     The main process holds the lock of the checkpoint folder throughout, so a second run into the same
-    folders fails before it checks or loads anything.
+    folders fails before it checks or loads anything. The last step is always checkpointed before the
+    export, so a run whose export failed (or a finished one, with ``output.overwrite``) resumes
+    straight to the export instead of training again.
     """
     main = int(os.environ.get("RANK", "0")) == 0  # before accelerate is set up: torchrun and accelerate set RANK
     with checkpoint.run_lock(recipe.checkpoint_dir) if main else contextlib.nullcontext():
@@ -149,6 +153,8 @@ def _uptrain(recipe: Recipe, resume: str | None, recipe_name: str) -> Path:
     progress.close()
     if not run.state.evals or run.state.evals[-1]["step"] != run.state.step:
         evaluate(run)
+    if run.checkpointed_step != run.state.step:
+        save_checkpoint(run)
     out = export(run)
     if recipe.train.report_to:
         run.accelerator.end_training()
@@ -277,8 +283,10 @@ def save_checkpoint(run: Run) -> Path:
     if isinstance(run.data, StreamingData):
         run.state.data = run.data.state_dict()
     recipe = run.recipe
-    return checkpoint.save(run.accelerator, recipe.checkpoint_dir, run.state.step, asdict(run.state),
+    path = checkpoint.save(run.accelerator, recipe.checkpoint_dir, run.state.step, asdict(run.state),
                            recipe.checkpoint.keep_last)
+    run.checkpointed_step = run.state.step
+    return path
 
 
 def export(run: Run) -> Path:
@@ -288,6 +296,7 @@ def export(run: Run) -> Path:
     out = Path(recipe.output.dir).expanduser()
     full_state = accelerator.get_state_dict(run.model)
     if accelerator.is_main_process:
+        check_output_dir(recipe)  # checked at start too: this is for a folder made since, in the recipe's terms
         model = exportable_model(run.plain.config, full_state, recipe)
         save_uptrained(model, run.tokenizer, out, recipe, summary(run, replicas), run.metrics_path)
         if recipe.output.push_to_hub:
@@ -386,13 +395,35 @@ def _trainable(model: BlockTransformerForCausalLM, recipe: Recipe) -> nn.Module:
 def _restore(run: Run, path: Path) -> None:
     """Model, optimizer, scheduler and RNG in place, and the trainer state, from checkpoint ``path``."""
     loaded = checkpoint.load(run.accelerator, path)
-    if loaded.get("recipe") and loaded["recipe"] != run.recipe.to_yaml():
-        logger.warning("the recipe differs from the one the checkpoint was made with: the run is not exact")
+    changes = recipe_changes(loaded.get("recipe") or "", run.recipe)
+    if changes:
+        logger.warning("the recipe differs from the one the checkpoint was made with, in %s: the resumed run is not "
+                       "exactly the run it continues", "; ".join(changes))
+    run.checkpointed_step = loaded["step"]
     state = run.state
     state.step, state.tokens, state.evals, state.data = (loaded[k] for k in ("step", "tokens", "evals", "data"))
     if isinstance(run.data, StreamingData) and state.data is not None:
         run.data.load_state_dict(state.data)
     logger.info("resumed from %s at step %d (%s tokens)", path, state.step, f"{state.tokens:,}")
+
+
+# where things are written and how often: a resumed run that changes these still trains the same weights
+_NO_EFFECT = ("output.", "checkpoint.", "train.log_every", "train.report_to", "eval.every")
+
+
+def recipe_changes(saved: str, recipe: Recipe) -> list[str]:
+    """The fields (``train.lr: 0.0003 -> 0.0001``) where ``recipe`` differs from the ``saved`` one in a
+    way that changes the result; where things are written, logged, evaluated and checkpointed is not."""
+    if not saved:
+        return []
+    raw = yaml.safe_load(saved)
+    try:
+        raw = validate(raw).model_dump(mode="json")  # fields added since read as their defaults
+    except RecipeError:
+        pass
+    old, new = _flat(raw), _flat(recipe.model_dump(mode="json"))
+    return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not key.startswith(_NO_EFFECT)]
 
 
 def _open_metrics(run: Run) -> None:

@@ -69,12 +69,14 @@ def check_before_work(recipe: Recipe, resume: str | None) -> Blueprint:
     """
     _check_paths_and_services(recipe, starts_fresh=resume is None)
     resume_path = checkpoint.resolve(resume, recipe.checkpoint_dir) if resume is not None else None
+    check_output_dir(recipe)
     return dataclasses.replace(read_blueprint(recipe), resume_path=resume_path)
 
 
 def plan(recipe: Recipe) -> dict:
     """What ``--dry-run`` prints: parameter counts (model built on the meta device, no weights read) and budget."""
     _check_paths_and_services(recipe, starts_fresh=False)  # a dry run writes nothing
+    check_output_dir(recipe)
     blueprint = read_blueprint(recipe)
     with torch.device("meta"):
         model = BlockTransformerForCausalLM(blueprint.config)
@@ -90,13 +92,11 @@ def plan(recipe: Recipe) -> dict:
 
 
 def _check_paths_and_services(recipe: Recipe, starts_fresh: bool) -> None:
-    """Data paths, output and checkpoint folders (for a fresh run: free), trackers, push credentials."""
+    """Data paths, the checkpoint folder (for a fresh run: free), trackers, push credentials."""
     DataSpec.parse(recipe.data.train, recipe.data.text_field)
     if recipe.data.eval:
         DataSpec.parse(recipe.data.eval, recipe.data.text_field)
     require_heldout_source(recipe.data)
-    if starts_fresh and not recipe.output.overwrite:
-        check_output(Path(recipe.output.dir).expanduser(), overwrite=False)
     if starts_fresh and checkpoint.checkpoints(recipe.checkpoint_dir):
         raise RecipeError(
             f"{recipe.checkpoint_dir} already holds checkpoints of a run: pass --resume to continue it, "
@@ -110,6 +110,14 @@ def _check_paths_and_services(recipe: Recipe, starts_fresh: bool) -> None:
 
         check_repo_id(recipe.output.push_to_hub)
         check_push_possible()
+
+
+def check_output_dir(recipe: Recipe) -> None:
+    """``output.dir`` may be written: free, or ``output.overwrite`` set. Resumed runs too, so that a
+    finished run's model is not found in the way only after the training is redone."""
+    check_output(Path(recipe.output.dir).expanduser(), recipe.output.overwrite,
+                 elsewhere="Set another output folder with --set output.dir=<new folder>",
+                 replace="replace it with --set output.overwrite=true")
 
 
 def read_blueprint(recipe: Recipe) -> Blueprint:
