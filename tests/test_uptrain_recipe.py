@@ -15,7 +15,7 @@ from block_transformer.sources import Source
 from block_transformer.uptrain import RecipeError, load_recipe
 from block_transformer.uptrain.command import uptrain_cmd
 from block_transformer.uptrain.data import require_heldout_source
-from block_transformer.uptrain.preflight import check_seq_len, micro_batch_size, read_blueprint, total_steps
+from block_transformer.uptrain.preflight import check_seq_len, micro_batch_size, read_blueprint
 from conftest import FAMILIES, TINY_RECIPE, assert_one_line_error, learnable_corpus, save_source, tiny_recipe, tiny_source
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -117,7 +117,7 @@ def test_shipped_recipes_fit_the_runs_they_document(name, processes, steps):
     """What the schema cannot check: the budget in steps, the batch split over the documented processes,
     sequences of whole blocks, a held-out set for streamed data (each raises when it does not hold)."""
     recipe = load_recipe(RECIPES / name)
-    assert total_steps(recipe) == steps
+    assert recipe.total_steps == steps
     micro_batch_size(recipe, processes)
     check_seq_len(recipe, recipe.model.block_len)
     require_heldout_source(recipe.data)
@@ -154,3 +154,11 @@ def test_a_converted_folder_finds_its_local_source_as_the_teacher(recipe_file, t
     assert result.exit_code == 0, result.output
     Path(source).rename(tmp_path / "moved")  # once the source is gone, the error says what to set, before any work
     assert_one_line_error(run(recipe_file, "--dry-run", *sets), "set distill.teacher")
+
+
+@pytest.mark.parametrize("field", ["data.train", "model.source"])
+def test_an_output_that_is_or_contains_an_input_is_refused(recipe_file, field):
+    """Regression: bt-uptrain's output could be the model, teacher or data folder it reads."""
+    value = yaml.safe_load(recipe_file.read_text())[field.split(".")[0]][field.split(".")[1]]
+    result = run(recipe_file, "--dry-run", "--set", f"output.dir={value}", "--set", "output.overwrite=true")
+    assert_one_line_error(result, "would destroy the input")

@@ -42,7 +42,7 @@ from . import checkpoint
 from .build import apply_lora, count_parameters, exportable_model, load_model, load_teacher, lr_lambdas, parameter_groups
 from .data import Batch, LocalData, StreamingData, explicit_eval_ids, is_streamed, load_local
 from .losses import RecoveryLoss
-from .preflight import check_before_work, check_output_dir, micro_batch_size, total_steps
+from .preflight import check_before_work, check_output_dir, micro_batch_size
 from .recipe import Recipe, RecipeError, validate
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
     micro = micro_batch_size(recipe, accelerator.num_processes)
     # set before prepare(): DeepSpeed reads it into its config and steps on its own boundaries
     accelerator.gradient_accumulation_steps = recipe.train.batch_size // (micro * accelerator.num_processes)
-    steps = total_steps(recipe)
+    steps = recipe.total_steps
 
     plain, tokenizer = load_model(recipe, blueprint)
     block_len = plain.config.block_len

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,11 +45,6 @@ class Blueprint:
     resume_path: Path | None = None  # the checkpoint to resume from
 
 
-def total_steps(recipe: Recipe) -> int:
-    t = recipe.train
-    return t.max_steps or math.ceil(t.max_tokens / (t.batch_size * recipe.data.seq_len))
-
-
 def micro_batch_size(recipe: Recipe, world_size: int) -> int:
     t = recipe.train
     micro = t.micro_batch_size or t.batch_size // world_size
@@ -82,7 +76,7 @@ def plan(recipe: Recipe) -> dict:
         model = BlockTransformerForCausalLM(blueprint.config)
         if recipe.lora.enabled:
             model = apply_lora(model, recipe)
-    steps = total_steps(recipe)
+    steps = recipe.total_steps
     return {
         "parameters": count_parameters(model),
         "steps": steps,
@@ -115,7 +109,8 @@ def _check_paths_and_services(recipe: Recipe, starts_fresh: bool) -> None:
 def check_output_dir(recipe: Recipe) -> None:
     """``output.dir`` may be written: free, or ``output.overwrite`` set. Resumed runs too, so that a
     finished run's model is not found in the way only after the training is redone."""
-    check_output(Path(recipe.output.dir).expanduser(), recipe.output.overwrite,
+    inputs = [p for p in (recipe.model.path, recipe.model.source, recipe.distill.teacher, recipe.data.train) if p]
+    check_output(Path(recipe.output.dir).expanduser(), recipe.output.overwrite, inputs=inputs,
                  elsewhere="Set another output folder with --set output.dir=<new folder>",
                  replace="replace it with --set output.overwrite=true")
 
