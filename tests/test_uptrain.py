@@ -290,3 +290,22 @@ def test_gradient_checkpointing_and_block_aligned_packing_with_distillation(tmp_
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
     records = [r for r in metrics(tiny_recipe(tmp_path / "a", **common)) if "loss" in r]
     assert all(r["kl"] > 0 and r["hidden"] > 0 for r in records)
+
+
+@pytest.mark.slow
+def test_fsdp_requested_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path):
+    """FSDP cannot run on this project's CPU machines: with ACCELERATE_USE_FSDP, accelerate sets up plain DDP
+    on gloo without a word (seen: a 2-process run 'with FSDP' trained unsharded). The run must say so instead."""
+    recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2, "eval.every": 0, "eval.source_reference": False})
+    sets = [f"--set=model.source={recipe.model.source}", f"--set=data.train={recipe.data.train}",
+            f"--set=output.dir={recipe.output.dir}", "--set=train.max_steps=2", "--set=eval.every=0",
+            "--set=eval.source_reference=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "block_transformer.uptrain", str(Path(__file__).parent.parent / "recipes" / "tiny.yaml"), *sets],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode != 0
+    assert "asked for FSDP but accelerate set up MULTI_CPU" in result.stderr and "needs GPUs" in result.stderr
+    assert not Path(recipe.output.dir).exists()

@@ -161,6 +161,18 @@ def _uptrain(recipe: Recipe, resume: str | None, recipe_name: str) -> Path:
     return out
 
 
+def check_requested_backend(accelerator: Accelerator) -> None:
+    """accelerate falls back without a word when FSDP or DeepSpeed cannot run on this hardware (on CPU
+    processes it sets up plain DDP): a run the user asked to shard must not silently run unsharded."""
+    for backend in ("FSDP", "DEEPSPEED"):
+        requested = os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() in {"1", "true", "yes"}
+        if requested and accelerator.distributed_type.name != backend:
+            raise RecipeError(
+                f"the launch asked for {backend} but accelerate set up {accelerator.distributed_type.name} on this "
+                f"hardware ({accelerator.device}): {backend} needs GPUs. Launch without it, or on GPUs."
+            )
+
+
 def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe") -> Run:
     """Check everything that needs no weights, then load and build the run: fresh, or restored from ``resume``."""
     blueprint = check_before_work(recipe, resume)
@@ -171,6 +183,7 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
         log_with=list(recipe.train.report_to) or None,
         project_dir=str(recipe.checkpoint_dir),
     )
+    check_requested_backend(accelerator)
     set_seed(recipe.train.seed)
     micro = micro_batch_size(recipe, accelerator.num_processes)
     # set before prepare(): DeepSpeed reads it into its config and steps on its own boundaries
