@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 
 from .bench.settings import PRESETS
-from .commands import command, friendly_errors, setup_logging
+from .commands import command, friendly_errors
 from .convert.init_names import DEFAULT_INIT, INITS
 from .dtypes import DTYPES, torch_dtype
+from .logs import setup_logging
 from .uptrain.command import uptrain_cmd
 
 __all__ = ["bench_cmd", "convert_cmd", "eval_cmd", "fetch_demo_cmd", "push_cmd", "uptrain_cmd"]

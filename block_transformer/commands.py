@@ -1,5 +1,5 @@
-"""What every command-line tool shares: ``-h``/``--help`` and ``--version``, library errors as one line,
-and logging. Imports nothing heavy, so that every tool answers ``--help`` at once.
+"""What every command-line tool shares: ``-h``/``--help`` and ``--version``, and library errors as one line
+(logging is :mod:`block_transformer.logs`). Imports nothing heavy, so that every tool answers ``--help`` at once.
 
 :mod:`block_transformer.cli` builds its commands with it, and so does
 :mod:`block_transformer.uptrain.command` (``bt-uptrain``, also run as ``python -m block_transformer.uptrain``).
@@ -36,9 +36,3 @@ def friendly_errors(fn):
             raise click.ClickException(str(err)) from err
 
     return wrapper
-
-
-def setup_logging(verbose: bool) -> None:
-    from .logs import setup_logging
-
-    setup_logging(verbose)

@@ -37,7 +37,6 @@ class Structure:
     layers: str
     embedding: str
     final_norm: str | None
-    position_embedding: str | None
 
 
 @dataclass(frozen=True)
@@ -93,18 +92,18 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
     parent_path, _, _ = layers.rpartition(".")
     parent = base.get_submodule(parent_path) if parent_path else base
     prefix = f"{parent_path}." if parent_path else ""
-    tables, norms = [], []
-    for name, child in parent.named_children():
-        path = prefix + name
-        if path in (layers, embedding) or not any(True for _ in child.parameters()):
-            continue
-        if isinstance(child, nn.Embedding):
-            tables.append(path)
-        elif "norm" in type(child).__name__.lower() or "norm" in name.lower():
-            norms.append(path)
+    # A learned position table needs no path: it is copied to both decoders like any other shared module,
+    # and what it adds is measured (position_signal).
+    norms = [
+        prefix + name
+        for name, child in parent.named_children()
+        if prefix + name not in (layers, embedding)
+        and not isinstance(child, nn.Embedding)
+        and any(True for _ in child.parameters())
+        and ("norm" in type(child).__name__.lower() or "norm" in name.lower())
+    ]
     final_norm = family.final_norm or _one_or_none(norms, "final norm", source)
-    position_embedding = family.position_embedding or _one_or_none(tables, "position table", source)
-    return Structure(layers=layers, embedding=embedding, final_norm=final_norm, position_embedding=position_embedding)
+    return Structure(layers=layers, embedding=embedding, final_norm=final_norm)
 
 
 def _find_layers(source: PreTrainedModel) -> str:

@@ -29,7 +29,6 @@ class Family(BaseModel):
     separators: tuple[str, ...] = ()
     layers: str | None = None
     final_norm: str | None = None
-    position_embedding: str | None = None
     layer_index_attrs: tuple[str, ...] = ()
     layer_threshold_attrs: tuple[str, ...] = ()
     depth_scaled_attrs: dict[str, float] = {}

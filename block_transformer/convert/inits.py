@@ -74,9 +74,8 @@ def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tup
     was_training = model.training
     model.eval()
     embed = model.token_embeddings(torch.arange(model.config.vocab_size))
-    divisor = model.config.decoder_input_multiplier  # the base model multiplies inputs_embeds back
     prefix = model.block_decoder(
-        inputs_embeds=model.start.view(1, 1, -1) / divisor,
+        inputs_embeds=model.decoder_inputs(model.start.view(1, 1, -1)),
         position_ids=torch.zeros(1, 1, dtype=torch.long),
         use_cache=True,
     )
@@ -84,7 +83,7 @@ def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tup
     sink = prefix.last_hidden_state[0, 0]
     states = torch.empty_like(embed)
     for begin in tqdm(range(0, embed.shape[0], batch_size), desc="token-decoder input table", unit="batch"):
-        tokens = embed[begin : begin + batch_size].unsqueeze(1) / divisor
+        tokens = model.decoder_inputs(embed[begin : begin + batch_size].unsqueeze(1))
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(tokens.shape[0])
         position = torch.ones(1, 1, dtype=torch.long)

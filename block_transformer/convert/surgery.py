@@ -122,7 +122,7 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) 
     """
     cfg = copy.deepcopy(source_config)
     total = source_config.num_hidden_layers
-    for name, value in list(cfg.to_dict().items()):
+    for name in list(cfg.to_dict()):
         current = getattr(cfg, name, None)
         if isinstance(current, (list, tuple)) and len(current) == total and name not in family.layer_index_attrs:
             setattr(cfg, name, type(current)(current[i] for i in layers))

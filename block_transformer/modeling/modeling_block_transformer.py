@@ -313,6 +313,12 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def decoder_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """What to pass as ``inputs_embeds`` so the decoder's layers see ``inputs``: the family's base model
+        multiplies ``inputs_embeds`` by ``decoder_input_multiplier`` (CTRL), which is undone here."""
+        multiplier = self.config.decoder_input_multiplier
+        return inputs if multiplier == 1.0 else inputs / torch.tensor(multiplier, dtype=inputs.dtype)
+
     def _run_decoder(
         self,
         decoder: PreTrainedModel,
@@ -324,9 +330,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         **kwargs,
     ) -> torch.Tensor:
         """The family's base model on ``inputs_embeds`` at explicit positions, optionally through a cache."""
-        multiplier = self.config.decoder_input_multiplier
-        if multiplier != 1.0:  # the base model multiplies inputs_embeds; its layers must see ``inputs``
-            inputs = inputs / torch.tensor(multiplier, dtype=inputs.dtype)
+        inputs = self.decoder_inputs(inputs)
         if kv is None:
             out = decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs)
             return out.last_hidden_state

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..commands import command, friendly_errors, setup_logging
+from ..commands import command, friendly_errors
+from ..logs import setup_logging
 
 
 @command(
