@@ -1,11 +1,13 @@
-"""Step-0 perplexity: the source model vs. each conversion init, before any uptraining.
+"""Step-0 perplexity: the source model vs. each conversion init and layer mapping, before any uptraining.
 
-Scores the source SmolLM2 GGUF and, for every init in ``block_transformer.convert.INITS``, its
-in-memory Block Transformer conversion (L_B 4, split 15/15, N_P 2) on the same held-out windows of the
-Python-docs corpus (the tail of the sorted, separator-joined files; see
-``block_transformer.measure.perplexity``). Writes every figure plus the settings to a JSON file.
+Scores the source SmolLM2 GGUF, then its in-memory Block Transformer conversions on the same held-out
+windows of the Python-docs corpus (the tail of the sorted, separator-joined files; see
+``block_transformer.measure.perplexity``): every init in ``block_transformer.convert.INITS`` at the
+default mapping (L_B 4, split 15/15, N_P 2), and the sink init at every other mapping in
+``benchmarks/mappings.py``. Writes every figure plus the settings to a JSON file.
 
-    python benchmarks/step0_ppl.py                       # 16 x 512 tokens, ~5-8 min on 2 CPU cores
+    python benchmarks/step0_ppl.py                       # 16 x 512 tokens, ~15 min on 2 CPU cores
+    python benchmarks/step0_ppl.py --mappings "partition 15/15"   # the inits only, ~5 min
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local
 import torch  # noqa: E402
 
 from block_transformer import environment  # noqa: E402
-from block_transformer.convert import INITS, Split  # noqa: E402
+from block_transformer.convert import INITS, LayerMapping  # noqa: E402
+from block_transformer.convert.init_names import DEFAULT_INIT  # noqa: E402
 from block_transformer.convert.convert import convert_model, resolve_separator  # noqa: E402
 from block_transformer.data_spec import DataSpec  # noqa: E402
 from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
@@ -32,8 +35,9 @@ from block_transformer.export import write_text_atomic  # noqa: E402
 from block_transformer.measure import HELDOUT_TOKENS, heldout_split, score, tokenize_corpus  # noqa: E402
 from block_transformer.sources import resolve_source  # noqa: E402
 
-SPLIT = Split(15, 15)
-BLOCK_LEN = 4
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mappings import DEFAULT, MAPPINGS  # noqa: E402
+
 NUM_PREFIX_TOKENS = 2
 
 logger = logging.getLogger("step0_ppl")
@@ -47,12 +51,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-windows", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (set explicitly)")
+    parser.add_argument("--mappings", default=",".join(MAPPINGS),
+                        help=f"comma-separated names from benchmarks/mappings.py (default: all); {DEFAULT!r} runs every init")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/step0_ppl.json"))
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    names = [name.strip() for name in args.mappings.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MAPPINGS]
+    if unknown:
+        sys.exit(f"unknown mapping {unknown[0]!r}: choose from {', '.join(MAPPINGS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     missing = [str(p) for p in (args.gguf, args.corpus) if not p.exists()]
     if missing:
@@ -79,19 +89,25 @@ def main() -> int:
 
     runs = []
     t0 = time.perf_counter()
-    result = score(source_model, ids, args.seq_len, args.batch_size, block_len=BLOCK_LEN)
-    runs.append({"model": "source", "init": None, "convert_s": 0.0, "score_s": time.perf_counter() - t0,
-                 **result.to_dict()})
-    for init in INITS:
-        t0 = time.perf_counter()
-        model = convert_model(source_model, SPLIT, BLOCK_LEN, num_prefix_tokens=NUM_PREFIX_TOKENS, init=init,
-                              separator_id=separator_id, source_info=source_info)
-        convert_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        result = score(model, ids, args.seq_len, args.batch_size)
-        runs.append({"model": "block_transformer", "init": init, "convert_s": convert_s,
-                     "score_s": time.perf_counter() - t0, **result.to_dict()})
-        del model
+    result = score(source_model, ids, args.seq_len, args.batch_size, block_len=MAPPINGS[DEFAULT][2])
+    runs.append({"model": "source", "init": None, "mapping": None, "convert_s": 0.0,
+                 "score_s": time.perf_counter() - t0, **result.to_dict()})
+    for name in names:
+        block, token, block_len = MAPPINGS[name]
+        mapping = LayerMapping.from_options(None, block, token)
+        for init in INITS if name == DEFAULT else (DEFAULT_INIT,):
+            t0 = time.perf_counter()
+            model = convert_model(source_model, mapping, block_len, num_prefix_tokens=NUM_PREFIX_TOKENS, init=init,
+                                  separator_id=separator_id, source_info=source_info)
+            convert_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = score(model, ids, args.seq_len, args.batch_size)
+            runs.append({"model": "block_transformer", "init": init, "mapping": name, "block_layers": block,
+                         "token_layers": token, "block_len": block_len, "convert_s": convert_s,
+                         "parameters": sum(p.numel() for p in model.parameters()),
+                         "score_s": time.perf_counter() - t0, **result.to_dict()})
+            logger.info("%s (%s): step-0 perplexity %.4g", name, init, result.perplexity)
+            del model
     for run in runs:
         run["ppl_ratio_to_source"] = run["perplexity"] / runs[0]["perplexity"]
 
@@ -101,7 +117,7 @@ def main() -> int:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {
             "seq_len": args.seq_len, "num_windows": args.num_windows, "batch_size": args.batch_size,
-            "block_len": BLOCK_LEN, "split": [SPLIT.block, SPLIT.token], "num_prefix_tokens": NUM_PREFIX_TOKENS,
+            "mappings": {name: MAPPINGS[name] for name in names}, "num_prefix_tokens": NUM_PREFIX_TOKENS,
             "dtype": str(source_model.dtype).removeprefix("torch."),
         },
         "source": {"path": str(args.gguf), **source_info},
@@ -126,13 +142,14 @@ def main() -> int:
 
 
 def print_table(runs: list[dict]) -> None:
-    header = f"{'model':<18} {'init':<10} {'ppl':>10} {'x source':>9} {'first-tok loss':>14}  loss by position in block"
+    header = (f"{'model':<18} {'mapping':<24} {'init':<10} {'ppl':>10} {'x source':>9} {'first-tok loss':>14}  "
+              "loss by position in block")
     print(header)
     print("-" * len(header))
     for run in runs:
         first = "-" if run["first_token_loss"] is None else f"{run['first_token_loss']:.3f}"
         by_pos = " ".join(f"{x:.3f}" for x in run["loss_by_block_position"])
-        print(f"{run['model']:<18} {run['init'] or '-':<10} {run['perplexity']:>10.4g} "
+        print(f"{run['model']:<18} {run['mapping'] or '-':<24} {run['init'] or '-':<10} {run['perplexity']:>10.4g} "
               f"{run['ppl_ratio_to_source']:>9.3g} {first:>14}  {by_pos}")
 
 

@@ -30,11 +30,18 @@ Examples:
   bt-convert ./my-llama --block-len 4 --split 8/8 -o my-llama-bt --dtype bfloat16
   bt-convert ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf \\
              --block-len 4 --split 15/15 -o smollm2-bt
+  bt-convert gpt2 --block-len 4 --block-layers 0-11 --token-layers 0-11 -o gpt2-bt-dup  # duplicate
+  bt-convert gpt2 --block-len 4 --block-layers 0-10:2 --token-layers 1-11:2 -o gpt2-bt-even-odd
 """
 )
 @click.argument("source")
 @click.option("--block-len", "block_len", type=int, required=True, help="Tokens per block (L_B), e.g. 4.")
-@click.option("--split", "split", required=True, help="Layers for block/token decoder, A/B with A+B = N, e.g. 6/6.")
+@click.option("--split", "split", default=None,
+              help="Partition: the lower A layers -> block decoder, the upper B -> token decoder (A+B = N), e.g. 6/6.")
+@click.option("--block-layers", default=None, metavar="LAYERS",
+              help="Instead of --split: source layers of the block decoder, e.g. 0-14, 0,2,4, 0-3,8 or 0-28:2 (step 2).")
+@click.option("--token-layers", default=None, metavar="LAYERS",
+              help="With --block-layers: source layers of the token decoder (a layer in both lists is copied).")
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--prefix-tokens", "prefix_tokens", type=int, default=2, show_default=True, help="Prefix length N_P.")
 @click.option("--init", "init", type=click.Choice(INITS), default=DEFAULT_INIT, show_default=True,
@@ -50,20 +57,24 @@ Examples:
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @friendly_errors
-def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, revision, separator, overwrite,
+def convert_cmd(source, block_len, split, block_layers, token_layers, output, prefix_tokens, init, dtype, revision, separator, overwrite,
                 check, push_to_hub, private, verbose):
     """Convert SOURCE (hub id, local HF folder or .gguf file) into a Block Transformer folder.
 
-    The lower A layers become the block decoder (global attention over blocks of L_B tokens), the
-    upper B layers the token decoder (local attention inside a block). Copied weights are exact.
+    The block decoder (global attention over blocks of L_B tokens) and the token decoder (local
+    attention inside a block) start from the source layers --split or --block-layers/--token-layers
+    name. Copied weights are exact.
     """
     from .convert.convert import convert
-    from .convert.surgery import Split
+    from .convert.mapping import LayerMapping
     from .export import check_output, save_model_folder
     from .hub import check_push_possible, check_repo_id
 
     setup_logging(verbose)
     log = logging.getLogger("bt-convert")
+    mapping = LayerMapping.from_options(split, block_layers, token_layers)
+    if mapping is None:
+        raise click.UsageError("give --split A/B (e.g. 6/6), or --block-layers with --token-layers (e.g. 0-5 and 6-11).")
     check_output(output, overwrite, inputs=[source])
     if push_to_hub:  # a missing token or an unreachable hub should not cost a conversion first
         check_repo_id(push_to_hub)
@@ -71,7 +82,7 @@ def convert_cmd(source, block_len, split, output, prefix_tokens, init, dtype, re
     started = time.perf_counter()
     model, tokenizer, src = convert(
         source,
-        Split.parse(split),
+        mapping,
         block_len,
         num_prefix_tokens=prefix_tokens,
         init=init,

@@ -11,7 +11,7 @@ from block_transformer import export
 from block_transformer.bench.settings import Setting
 from block_transformer.bench.throughput import kv_cache_bytes, make_prompts
 from block_transformer.cli import bench_cmd
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from conftest import save_source, tiny_source, tiny_tokenizer
 
@@ -20,7 +20,7 @@ from conftest import save_source, tiny_source, tiny_tokenizer
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     source = save_source(root / "src", "llama")
-    export.save_model_folder(convert_model(tiny_source("llama"), Split(2, 2), 2, separator_id=0), tiny_tokenizer(),
+    export.save_model_folder(convert_model(tiny_source("llama"), LayerMapping.partition(2, 2), 2, separator_id=0), tiny_tokenizer(),
                              root / "bt")
     return source, root / "bt"
 
@@ -72,7 +72,7 @@ def test_a_missing_baseline_fails_before_any_benchmark(folders, tmp_path, monkey
 
 def test_kv_cache_bytes_are_block_level():
     source = tiny_source("llama")
-    bt = convert_model(source, Split(2, 2), 4, separator_id=0)
+    bt = convert_model(source, LayerMapping.partition(2, 2), 4, separator_id=0)
     setting = Setting(1, 1020, 4)
     # vanilla: 4 layers x 1024 positions; BT: 2 layers x (1 + 256) blocks + 2 layers x (2 + 3) local
     kv_heads, head_dim, fp32 = 2, 8, 4

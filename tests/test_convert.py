@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.convert.discovery import find_structure
 from block_transformer.convert.families import family_for
@@ -15,7 +15,7 @@ from conftest import VOCAB, tiny_source
 BLOCK_LEN = 3
 
 
-def converted(model_type: str, init: str = "sink", split: Split = Split(2, 2), block_len: int = BLOCK_LEN, **kw):
+def converted(model_type: str, init: str = "sink", split: LayerMapping = LayerMapping.partition(2, 2), block_len: int = BLOCK_LEN, **kw):
     source = tiny_source(model_type)
     return source, convert_model(source, split, block_len, init=init, separator_id=0, **kw)
 
@@ -180,7 +180,7 @@ def test_sink_init_feeds_the_token_decoder_the_states_the_upper_layers_were_trai
     inside = torch.arange(24) % BLOCK_LEN != BLOCK_LEN - 1  # the block's last token is predicted by the next prefix
 
     def logprobs(init: str | None) -> torch.Tensor:
-        model = source if init is None else convert_model(source, Split(2, 2), BLOCK_LEN, init=init, separator_id=0)
+        model = source if init is None else convert_model(source, LayerMapping.partition(2, 2), BLOCK_LEN, init=init, separator_id=0)
         return model(ids).logits.log_softmax(-1)
 
     def kl_to_source(init: str) -> float:
@@ -199,11 +199,11 @@ def test_sink_init_feeds_the_token_decoder_the_states_the_upper_layers_were_trai
 @pytest.mark.parametrize(
     ("split", "block_len", "prefix", "message"),
     [
-        (Split(3, 2), 4, 2, "does not fit a 4-layer model"),
-        (Split(0, 4), 4, 2, "both sides >= 1"),
-        (Split(4, 0), 4, 2, "both sides >= 1"),
-        (Split(2, 2), 0, 2, "--block-len must be >= 1"),
-        (Split(2, 2), 4, 0, "--prefix-tokens must be >= 1"),
+        (LayerMapping.partition(3, 2), 4, 2, "does not fit a 4-layer model"),
+        (LayerMapping.partition(0, 4), 4, 2, "both sides >= 1"),
+        (LayerMapping.partition(4, 0), 4, 2, "both sides >= 1"),
+        (LayerMapping.partition(2, 2), 0, 2, "--block-len must be >= 1"),
+        (LayerMapping.partition(2, 2), 4, 0, "--prefix-tokens must be >= 1"),
     ],
 )
 def test_bad_conversion_parameters(split, block_len, prefix, message):
@@ -212,14 +212,14 @@ def test_bad_conversion_parameters(split, block_len, prefix, message):
 
 
 def test_split_parsing():
-    assert Split.parse("6/6") == Split(6, 6)
+    assert LayerMapping.parse_split("6/6") == LayerMapping.partition(6, 6)
     with pytest.raises(ConversionError, match="A/B"):
-        Split.parse("6")
+        LayerMapping.parse_split("6")
 
 
 def test_block_len_one_and_long_prefix():
     source = tiny_source("gpt_neox")
-    model = convert_model(source, Split(1, 3), 1, num_prefix_tokens=3, separator_id=0)
+    model = convert_model(source, LayerMapping.partition(1, 3), 1, num_prefix_tokens=3, separator_id=0)
     ids = torch.randint(0, VOCAB, (2, 5))
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 5, VOCAB) and torch.isfinite(out.loss)
@@ -229,8 +229,8 @@ def test_block_len_one_and_long_prefix():
 def test_block_len_beyond_the_source_positions_is_refused_up_front():
     """Regression: GPT-2 (128 positions here) failed on every forward with an IndexError after converting."""
     with pytest.raises(ConversionError, match="needs 129 token-decoder positions, but the source has 128"):
-        convert_model(tiny_source("gpt2"), Split(2, 2), 128, separator_id=0)
-    model = convert_model(tiny_source("gpt2"), Split(2, 2), 127, separator_id=0)  # 2 + 127 - 1 = 128 fits
+        convert_model(tiny_source("gpt2"), LayerMapping.partition(2, 2), 128, separator_id=0)
+    model = convert_model(tiny_source("gpt2"), LayerMapping.partition(2, 2), 127, separator_id=0)  # 2 + 127 - 1 = 128 fits
     ids = torch.randint(0, VOCAB, (1, 130))
     assert torch.isfinite(model(ids).logits).all()
 
@@ -239,6 +239,6 @@ def test_source_auto_map_does_not_travel_into_the_decoder_configs():
     """Regression: the source's auto_map named remote-code modules the output folder does not ship."""
     source = tiny_source("llama")
     source.config.auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
-    model = convert_model(source, Split(2, 2), BLOCK_LEN, separator_id=0)
+    model = convert_model(source, LayerMapping.partition(2, 2), BLOCK_LEN, separator_id=0)
     for sub in (model.config.block_decoder_config, model.config.token_decoder_config):
         assert "auto_map" not in sub.to_dict()

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, BartConfig
 
 from block_transformer.cli import convert_cmd
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from conftest import VOCAB, assert_one_line_error, save_source, tiny_source
 
@@ -31,7 +31,7 @@ def test_convert_end_to_end(source_folder, tmp_path, model_type):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.conversion["source"] == str(source_folder)
     assert model.config.conversion["split"] == [1, 3] and model.config.block_len == 2
-    expected = convert_model(tiny_source(model_type), Split(1, 3), 2, separator_id=0)
+    expected = convert_model(tiny_source(model_type), LayerMapping.partition(1, 3), 2, separator_id=0)
     ids = torch.randint(0, VOCAB, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected(ids).logits, rtol=0, atol=0)

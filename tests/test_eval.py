@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, save_source, tiny_source, tiny_token
 
 from block_transformer import export, hub
 from block_transformer.cli import eval_cmd
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.data_spec import DataError, DataSpec
 from block_transformer.measure import heldout_split, score, tokenize_corpus
@@ -32,7 +32,7 @@ def folders(tmp_path_factory):
     """A tiny llama source folder and its Block Transformer conversion, saved once."""
     root = tmp_path_factory.mktemp("eval")
     source = save_source(root / "source", "llama")
-    model = convert_model(tiny_source("llama"), Split(2, 2), BLOCK_LEN, separator_id=0,
+    model = convert_model(tiny_source("llama"), LayerMapping.partition(2, 2), BLOCK_LEN, separator_id=0,
                           source_info={"source": str(source), "source_kind": "folder"})
     bt = export.save_model_folder(model, tiny_tokenizer(), root / "bt")
     return source, bt

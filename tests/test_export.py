@@ -103,11 +103,11 @@ def test_a_killed_writers_temporary_folder_is_removed_by_the_next_write(tmp_path
 
 
 def _tiny_model():
-    from block_transformer.convert import Split
+    from block_transformer.convert import LayerMapping
     from block_transformer.convert.convert import convert_model
     from conftest import tiny_source
 
-    return convert_model(tiny_source("gpt2"), Split(2, 2), 3, separator_id=0)
+    return convert_model(tiny_source("gpt2"), LayerMapping.partition(2, 2), 3, separator_id=0)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from block_transformer.cli import convert_cmd
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.convert.coverage import check_family, tiny_config, tiny_source
 from block_transformer.convert.families import families, parse_families
@@ -77,7 +77,7 @@ def test_refused_families_say_why(model_type, reason):
 
 def test_a_refused_family_is_refused_from_its_config_alone():
     with pytest.raises(ConversionError, match="encoder-decoder"):
-        check_conversion(tiny_config("bart"), Split(2, 2), 3, 2)
+        check_conversion(tiny_config("bart"), LayerMapping.partition(2, 2), 3, 2)
 
 
 def test_descriptor_typo_is_an_error_that_names_it():
@@ -98,7 +98,7 @@ def test_shipped_descriptors_inherit_the_defaults():
 
 def _converted(model_type: str):
     source = tiny_source(tiny_config(model_type))
-    return source, convert_model(source, Split(2, 2), 3, separator_id=0)
+    return source, convert_model(source, LayerMapping.partition(2, 2), 3, separator_id=0)
 
 
 def test_probe_catches_a_lost_embedding_multiplier():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TextIteratorStreamer
 
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.modeling import BlockTransformerCache
 from conftest import VOCAB, tiny_source, tiny_tokenizer
@@ -17,7 +17,7 @@ BLOCK_LEN = 3
 def converted(model_type: str, block_len: int = BLOCK_LEN, attn: str = "sdpa"):
     source = tiny_source(model_type)
     source.config._attn_implementation = attn
-    model = convert_model(source, Split(2, 2), block_len, separator_id=0)
+    model = convert_model(source, LayerMapping.partition(2, 2), block_len, separator_id=0)
     model.set_attn_implementation(attn)
     return model
 

@@ -24,7 +24,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from block_transformer import export
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 
 BLOCK_LEN = 3
@@ -32,7 +32,7 @@ BLOCK_LEN = 3
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    model = convert_model(tiny_source("llama"), Split(2, 2), BLOCK_LEN, separator_id=0,
+    model = convert_model(tiny_source("llama"), LayerMapping.partition(2, 2), BLOCK_LEN, separator_id=0,
                           source_info={"source": "tiny"})
     return export.save_model_folder(model, tiny_tokenizer(), tmp_path_factory.mktemp("lm-eval") / "bt")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.data_spec import DataError, DataSpec
 from block_transformer.measure import heldout_split, score, tokenize_corpus
@@ -24,7 +24,7 @@ def vanilla():
 
 @pytest.fixture(scope="module")
 def block_transformer(vanilla):
-    return convert_model(vanilla, Split(2, 2), BLOCK_LEN, init="sink", separator_id=0)
+    return convert_model(vanilla, LayerMapping.partition(2, 2), BLOCK_LEN, init="sink", separator_id=0)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from huggingface_hub.utils._http import default_client_factory, hf_request_event
 
 from block_transformer import export
 from block_transformer.cli import convert_cmd, push_cmd
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 
 TOKEN = "hf_TestToken0123456789abcdef"
@@ -96,7 +96,7 @@ def fake_hub(monkeypatch):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    model = convert_model(tiny_source("gpt2"), Split(2, 2), 4, separator_id=0, source_info={"source": "tiny"})
+    model = convert_model(tiny_source("gpt2"), LayerMapping.partition(2, 2), 4, separator_id=0, source_info={"source": "tiny"})
     return export.save_model_folder(model, tiny_tokenizer(), tmp_path_factory.mktemp("push") / "tiny-bt")
 
 
@@ -249,7 +249,7 @@ def test_bad_arguments(fake_hub, folder, args, fragment):
 
 
 def test_verify_accepts_sharded_folders(tmp_path):
-    model = convert_model(tiny_source("qwen2"), Split(2, 2), 4, separator_id=0)
+    model = convert_model(tiny_source("qwen2"), LayerMapping.partition(2, 2), 4, separator_id=0)
     folder = export.save_model_folder(model, tiny_tokenizer(), tmp_path / "sharded", max_shard_size="20KB")
     summary = export.verify_folder(folder)
     assert "model.safetensors.index.json" in summary["files"] and summary["num_tensors"] > 0
@@ -260,7 +260,7 @@ def test_verify_accepts_sharded_folders(tmp_path):
 
 def test_verify_rejects_a_dangling_nested_auto_map(tmp_path):
     """Regression: a source's auto_map copied into a decoder config named modules the folder never ships."""
-    model = convert_model(tiny_source("qwen2"), Split(2, 2), 4, separator_id=0)
+    model = convert_model(tiny_source("qwen2"), LayerMapping.partition(2, 2), 4, separator_id=0)
     folder = export.save_model_folder(model, tiny_tokenizer(), tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())
     config["token_decoder_config"]["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
@@ -290,7 +290,7 @@ def test_unreachable_hub_fails_fast_and_keeps_the_folder(saved, tmp_path):
 
 
 def card_for(conversion: dict) -> dict:
-    model = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0, source_info=conversion)
+    model = convert_model(tiny_source("llama"), LayerMapping.partition(2, 2), 4, separator_id=0, source_info=conversion)
     text = export.model_card(model, "tiny-bt")
     assert "trust_remote_code=True" in text and "## Measured results" in text and "No figures measured yet" in text
     return export.card_metadata(text)

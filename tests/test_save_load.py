@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from block_transformer import export
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.errors import BlockTransformerError
 from conftest import FAMILIES, VOCAB, tiny_source, tiny_tokenizer
@@ -24,7 +24,7 @@ MASK = torch.tensor([[1] * 11, [0, 0, 0] + [1] * 8])
 
 
 def _convert(model_type: str):
-    return convert_model(tiny_source(model_type), Split(2, 2), 3, separator_id=0, source_info={"source": "tiny"})
+    return convert_model(tiny_source(model_type), LayerMapping.partition(2, 2), 3, separator_id=0, source_info={"source": "tiny"})
 
 
 @pytest.fixture(scope="module")

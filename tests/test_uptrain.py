@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.uptrain import checkpoint, loop
 from block_transformer.uptrain.build import apply_lora, exportable_model
@@ -139,7 +139,7 @@ def test_lora_trains_adapters_and_new_modules_and_exports_merged(tmp_path):
     out = uptrain(recipe)
     exported = weights(out)
     assert not any("lora" in k or "base_layer" in k for k in exported)
-    initial = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0).state_dict()
+    initial = convert_model(tiny_source("llama"), LayerMapping.partition(2, 2), 4, separator_id=0).state_dict()
     assert set(exported) <= set(initial)
     assert torch.equal(exported["embed_tokens.weight"], initial["embed_tokens.weight"]), "frozen under LoRA"
     assert not torch.equal(exported["embedder.weight"], initial["embedder.weight"]), "new modules train fully"
@@ -153,7 +153,7 @@ def test_lora_trains_adapters_and_new_modules_and_exports_merged(tmp_path):
 
 def test_lora_merged_export_matches_the_unmerged_model(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"lora.enabled": True, "lora.r": 4})
-    plain = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0)
+    plain = convert_model(tiny_source("llama"), LayerMapping.partition(2, 2), 4, separator_id=0)
     wrapped = apply_lora(plain, recipe)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -176,7 +176,7 @@ def test_recovery_loss_names_its_terms_and_normalises_by_global_counts():
     from block_transformer.uptrain.recipe import DistillSection
 
     source = tiny_source("llama")
-    student = convert_model(source, Split(2, 2), 4, separator_id=0)
+    student = convert_model(source, LayerMapping.partition(2, 2), 4, separator_id=0)
     ids = torch.randint(1, VOCAB, (2, 16))
     labels = ids.clone()
     labels[0, 6:8] = IGNORE  # block-alignment padding: never a target
@@ -272,7 +272,7 @@ def test_freeze_pretrained_steps_trains_only_new_modules_and_norms(tmp_path):
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 3, "train.freeze_pretrained_steps": 3, "eval.every": 0,
                                       "checkpoint.every": 0, "eval.source_reference": False})
     exported = weights(uptrain(recipe))
-    initial = convert_model(tiny_source("llama"), Split(2, 2), 4, separator_id=0).state_dict()
+    initial = convert_model(tiny_source("llama"), LayerMapping.partition(2, 2), 4, separator_id=0).state_dict()
     for name in ("embed_tokens.weight", "token_decoder.layers.1.mlp.up_proj.weight", "block_decoder.layers.0.self_attn.o_proj.weight"):
         assert torch.equal(exported[name], initial[name]), name
     for name in ("embedder.weight", "prefix.weight", "start", "token_decoder.norm.weight"):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from block_transformer.convert import Split
+from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.modeling import BlockTransformerForCausalLM
 from block_transformer.sources import Source
@@ -127,7 +127,7 @@ def test_shipped_recipes_fit_the_runs_they_document(name, processes, steps):
 def test_dry_run_plans_the_config_the_conversion_builds(tmp_path, model_type):
     """The dry run plans the conversion on the meta device (no weights read): same layout, same tying."""
     planned = read_blueprint(tiny_recipe(tmp_path, model_type)).config
-    built = convert_model(tiny_source(model_type), Split(2, 2), 4, separator_id=0).config
+    built = convert_model(tiny_source(model_type), LayerMapping.partition(2, 2), 4, separator_id=0).config
     for name in ("tie_word_embeddings", "decoder_layers", "block_decoder_final_norm", "lm_head_bias",
                  "separate_token_embeddings", "conversion"):
         assert getattr(planned, name) == getattr(built, name), name

@@ -5,7 +5,7 @@ Names load on first use, so reading the init names (``convert.init_names``) cost
 
 from .init_names import DEFAULT_INIT, INITS
 
-_LAZY = {"Split": ".surgery"}  # the pipeline itself: block_transformer.convert.convert.convert
+_LAZY = {"LayerMapping": ".mapping"}  # the pipeline itself: block_transformer.convert.convert.convert
 
 
 def __getattr__(name: str):
@@ -16,4 +16,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DEFAULT_INIT", "INITS", "Split"]
+__all__ = ["DEFAULT_INIT", "INITS", "LayerMapping"]

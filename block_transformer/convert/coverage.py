@@ -22,7 +22,7 @@ from .convert import convert_model
 from .discovery import check_architecture, find_structure
 from .families import family_for
 from .probe import probe
-from .surgery import Split
+from .mapping import LayerMapping
 
 TINY_VOCAB = 128
 # Shrinks applied where the config class has the field: small enough for a CPU sweep, large enough for
@@ -129,7 +129,7 @@ def check_family(model_type: str, *, reload: bool = True) -> FamilyResult:
     try:
         source = tiny_source(config)
         stage = "convert"
-        model = convert_model(source, Split(2, 2), 3, separator_id=0)
+        model = convert_model(source, LayerMapping.partition(2, 2), 3, separator_id=0)
         result.converts = True
         stage = "exact copies"
         result.exact_copies = exact_copies(source, model)
@@ -152,16 +152,26 @@ def check_family(model_type: str, *, reload: bool = True) -> FamilyResult:
 
 
 def exact_copies(source: torch.nn.Module, model) -> bool:
-    """Every source tensor sits, bit for bit, where the partition mapping puts it."""
+    """Every source tensor sits, bit for bit, wherever the recorded layer mapping puts it (copies, not shared)."""
     structure = find_structure(source, check_architecture(source.config))
+    conv = model.config.conversion or {}
     n_block = model.config.block_decoder_config.num_hidden_layers
+    n_layers = n_block + model.config.token_decoder_config.num_hidden_layers
+    block_layers = conv.get("block_layers", list(range(n_block)))
+    token_layers = conv.get("token_layers", list(range(n_block, n_layers)))
     ours = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     embedding = source.get_input_embeddings().weight
     for name, tensor in source.base_model.state_dict(keep_vars=True).items():
         if name.startswith(f"{structure.layers}."):
             index, rest = name[len(structure.layers) + 1 :].split(".", 1)
-            side, index = ("block_decoder", int(index)) if int(index) < n_block else ("token_decoder", int(index) - n_block)
-            targets = [f"{side}.{structure.layers}.{index}.{rest}"]
+            targets = [
+                f"{side}.{structure.layers}.{new}.{rest}"
+                for side, layers in (("block_decoder", block_layers), ("token_decoder", token_layers))
+                for new, old in enumerate(layers)
+                if old == int(index)
+            ]
+            if len({ours[t].data_ptr() for t in targets}) != len(targets):
+                return False  # a layer in both decoders must be two tensors, not one shared
         elif tensor is embedding:
             targets = ["embed_tokens.weight"]
         elif structure.final_norm and name.startswith(f"{structure.final_norm}."):

@@ -30,7 +30,8 @@ class Family(BaseModel):
     layers: str | None = None
     final_norm: str | None = None
     layer_index_attrs: tuple[str, ...] = ()
-    layer_threshold_attrs: tuple[str, ...] = ()
+    layer_threshold_attrs: tuple[str, ...] = ()  # layer i is special when i >= the value
+    layer_end_attrs: tuple[str, ...] = ()  # ... when i <= the value
     depth_scaled_attrs: dict[str, float] = {}
     refuse: str | None = None
     refuse_kind: Literal["not_decoder_only", "recurrent", "unsupported"] = "unsupported"
@@ -71,6 +72,7 @@ def _with_defaults(family: Family, default: Family) -> Family:
             "separators": family.separators or default.separators,
             "layer_index_attrs": tuple(dict.fromkeys(default.layer_index_attrs + family.layer_index_attrs)),
             "layer_threshold_attrs": tuple(dict.fromkeys(default.layer_threshold_attrs + family.layer_threshold_attrs)),
+            "layer_end_attrs": tuple(dict.fromkeys(default.layer_end_attrs + family.layer_end_attrs)),
         }
     )
 

@@ -5,11 +5,14 @@ embeddings, every prefix slot is the context embedding (identity), and the token
 plain token embeddings E, although the source's upper layers were trained on its layer-N_b residual
 stream.
 
-``sink`` — gives the token decoder what its layers saw in the source. Prefix slot 1 is the source's
-constant layer-N_b state at position 0 (the *attention sink*), the remaining slots are the context
-embedding, and the token decoder reads a second vocabulary table holding each token's layer-N_b
-state, computed by the lower layers on [separator, token] and read at the second position. The start
-vector is the separator's embedding, so block position 0 looks like the start of a document.
+``sink`` — gives the token decoder what its layers saw in the source. With t0 the source index of the
+token decoder's first layer (N_b for a partition, 0 for a token decoder that starts at the bottom),
+prefix slot 1 is the source's constant state before layer t0 at position 0 (the *attention sink*),
+the remaining slots are the context embedding (the state after the last block-decoder layer), and the
+token decoder reads a second vocabulary table holding each token's state before layer t0, computed
+by the source's layers [0, t0) on [separator, token] and read at the second position (for t0 = 0: the
+token embedding itself). The start vector is the separator's embedding, so block position 0 looks like
+the start of a document.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from ..modeling import BlockTransformerForCausalLM
 from ..modeling.modeling_block_transformer import cache_kwarg
@@ -34,9 +38,14 @@ def init_new_modules(
     model: BlockTransformerForCausalLM,
     init: str,
     separator_id: int,
+    lower: PreTrainedModel | None,
     batch_size: int = 1024,
 ) -> None:
-    """Initialise embedder, start vector, prefix and (sink) the token-input table in place."""
+    """Initialise embedder, start vector, prefix and (sink) the token-input table in place.
+
+    ``lower`` runs the source's layers below the token decoder's first one (the block decoder, for a
+    partition; None when the token decoder starts at layer 0): the sink init reads its states.
+    """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     cfg = model.config
@@ -52,11 +61,14 @@ def init_new_modules(
         return
 
     model.start.copy_(model.token_embeddings(torch.tensor(separator_id)))
-    sink, states = _layer_nb_states(model, batch_size)
-    # The token decoder adds its own (local) position signal, if the family has one, to what we feed it.
-    layers = model.token_decoder.get_submodule(cfg.decoder_layers)
-    added = position_signal(model.token_decoder, layers, torch.arange(2).unsqueeze(0), dim, dtype)
-    sink, states = sink - added[0], states - added[1]
+    if lower is None:  # the token decoder's first layer is the source's first: it saw the embeddings
+        sink, states = model.start.clone(), model.token_embeddings(torch.arange(cfg.vocab_size))
+    else:
+        sink, states = _lower_states(model, lower, batch_size)
+        # The token decoder adds its own (local) position signal, if the family has one, to what we feed it.
+        layers = model.token_decoder.get_submodule(cfg.decoder_layers)
+        added = position_signal(model.token_decoder, layers, torch.arange(2).unsqueeze(0), dim, dtype)
+        sink, states = sink - added[0], states - added[1]
     model.token_embed_tokens.weight.copy_(states)
     if n_prefix == 1:
         logger.warning("sink init with one prefix token: no slot is left for the attention sink.")
@@ -65,16 +77,18 @@ def init_new_modules(
     model.prefix.bias[:dim].copy_(sink)
 
 
-def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer-N_b state of [separator, v] for every vocabulary token v: (state at 0, states at 1).
+def _lower_states(
+    model: BlockTransformerForCausalLM, lower: PreTrainedModel, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output of ``lower`` on [separator, v] for every vocabulary token v: (state at 0, states at 1).
 
-    The start vector is the separator's embedding, so the block decoder computes exactly the source's
-    lower layers here. Position 0 is run once and its KV cache reused for every token batch.
+    The start vector is the separator's embedding, so ``lower`` computes exactly the source's lower
+    layers here. Position 0 is run once and its KV cache reused for every token batch.
     """
     was_training = model.training
     model.eval()
     embed = model.token_embeddings(torch.arange(model.config.vocab_size))
-    prefix = model.block_decoder(
+    prefix = lower(
         inputs_embeds=model.decoder_inputs(model.start.view(1, 1, -1)),
         position_ids=torch.zeros(1, 1, dtype=torch.long),
         use_cache=True,
@@ -87,9 +101,7 @@ def _layer_nb_states(model: BlockTransformerForCausalLM, batch_size: int) -> tup
         cache = copy.deepcopy(prefix_cache)
         cache.batch_repeat_interleave(tokens.shape[0])
         position = torch.ones(1, 1, dtype=torch.long)
-        out = model.block_decoder(
-            inputs_embeds=tokens, position_ids=position, use_cache=True, **{cache_kwarg(model.block_decoder): cache}
-        )
+        out = lower(inputs_embeds=tokens, position_ids=position, use_cache=True, **{cache_kwarg(lower): cache})
         states[begin : begin + batch_size] = out.last_hidden_state[:, 0]
     model.train(was_training)
     return sink, states

@@ -1,6 +1,7 @@
-"""Model surgery: a vanilla causal LM becomes a Block Transformer (partition mapping).
+"""Model surgery: a vanilla causal LM becomes a Block Transformer.
 
-Layers [0, N_b) of the source become the block decoder and [N_b, N) the token decoder; embeddings,
+The source layers a :class:`~block_transformer.convert.mapping.LayerMapping` names become the block
+decoder's and the token decoder's layers, in order (a layer named twice is copied twice); embeddings,
 position tables, final norm and LM head are copied bit for bit. The new modules (embedder, start
 vector, prefix expansion and, for the sink-aware init, the token-decoder input table) are then
 initialised by one of the schemes in :mod:`block_transformer.convert.inits`.
@@ -12,59 +13,28 @@ import copy
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import ConversionError
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
-from ..modeling.modeling_block_transformer import sliding_window
+from ..modeling.modeling_block_transformer import _build_decoder, sliding_window
 from .discovery import Arithmetic, Structure, check_architecture
 from .families import Family
+from .mapping import LayerMapping
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Split:
-    """N = block + token layers; both sides >= 1."""
-
-    block: int
-    token: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Split":
-        try:
-            block, token = (int(part) for part in text.split("/"))
-        except ValueError:
-            raise ConversionError(f"--split must look like A/B (e.g. 6/6), got {text!r}") from None
-        return cls(block, token)
-
-    @classmethod
-    def halves(cls, num_layers: int) -> "Split":
-        """The default split: the lower half of the layers (rounded down) becomes the block decoder."""
-        return cls(num_layers // 2, num_layers - num_layers // 2)
-
-    def check(self, num_layers: int) -> None:
-        if self.block < 1 or self.token < 1 or self.block + self.token != num_layers:
-            raise ConversionError(
-                f"split {self.block}/{self.token} does not fit a {num_layers}-layer model: A/B must sum to "
-                f"{num_layers} with both sides >= 1 (e.g. {Split.halves(num_layers)})."
-            )
-
-    def __str__(self) -> str:
-        return f"{self.block}/{self.token}"
-
-
-def check_conversion(config: PretrainedConfig, split: Split, block_len: int, num_prefix_tokens: int) -> Family:
+def check_conversion(config: PretrainedConfig, mapping: LayerMapping, block_len: int, num_prefix_tokens: int) -> Family:
     """Everything that can be checked from the source config alone, before weights are loaded."""
     family = check_architecture(config)
     if block_len < 1:
         raise ConversionError(f"--block-len must be >= 1, got {block_len}")
     if num_prefix_tokens < 1:
         raise ConversionError(f"--prefix-tokens must be >= 1, got {num_prefix_tokens}")
-    split.check(config.num_hidden_layers)
+    mapping.check(config.num_hidden_layers)
     positions = getattr(config, "max_position_embeddings", None)
     local = num_prefix_tokens + block_len - 1  # the token decoder's positions: prefix + block minus its last token
     if positions is not None and local > positions:
@@ -78,7 +48,7 @@ def check_conversion(config: PretrainedConfig, split: Split, block_len: int, num
 def build_config(
     source_config: PretrainedConfig,
     family: Family,
-    split: Split,
+    mapping: LayerMapping,
     block_len: int,
     num_prefix_tokens: int,
     tie_word_embeddings: bool,
@@ -89,8 +59,8 @@ def build_config(
     lm_head_bias: bool = False,
 ) -> BlockTransformerConfig:
     """The converted model's config; without ``arithmetic`` (a source on the meta device) its defaults."""
-    block_cfg = _sub_config(source_config, family, range(0, split.block))
-    token_cfg = _sub_config(source_config, family, range(split.block, split.block + split.token))
+    block_cfg = _sub_config(source_config, family, mapping.block)
+    token_cfg = _sub_config(source_config, family, mapping.token)
     window = sliding_window(source_config)
     if window is not None:
         # Keep the attention span in tokens: the block decoder's positions are blocks of L_B tokens.
@@ -114,26 +84,32 @@ def build_config(
     )
 
 
-def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) -> PretrainedConfig:
-    """The source config for a run of its layers: per-layer settings follow each layer to its new index.
+def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[int, ...] | range) -> PretrainedConfig:
+    """The source config for a selection of its layers (ascending): per-layer settings follow each layer.
 
     Any list with one entry per source layer (``layer_types``, per-layer windows or RoPE flags, ...) is
-    sliced; fields holding absolute layer indices or thresholds (named in ``families.yaml``) are shifted.
+    indexed by the selection; fields holding absolute layer indices or thresholds (named in
+    ``families.yaml``) are renumbered, so each new layer builds as its source layer did.
     """
     cfg = copy.deepcopy(source_config)
     total = source_config.num_hidden_layers
+    layers = tuple(layers)
     for name in list(cfg.to_dict()):
         current = getattr(cfg, name, None)
         if isinstance(current, (list, tuple)) and len(current) == total and name not in family.layer_index_attrs:
             setattr(cfg, name, type(current)(current[i] for i in layers))
     for name in family.layer_index_attrs:
         if getattr(cfg, name, None) is not None:
-            setattr(cfg, name, [i - layers.start for i in getattr(cfg, name) if i in layers])
+            listed = set(getattr(cfg, name))
+            setattr(cfg, name, [new for new, old in enumerate(layers) if old in listed])
     for name, exponent in family.depth_scaled_attrs.items():
         setattr(cfg, name, getattr(cfg, name) * (len(layers) / total) ** exponent)
-    for name in family.layer_threshold_attrs:
+    for name in family.layer_threshold_attrs:  # "layer i is special when i >= threshold"
         if isinstance(getattr(cfg, name, None), int):
-            setattr(cfg, name, getattr(cfg, name) - layers.start)
+            setattr(cfg, name, sum(old < getattr(cfg, name) for old in layers))
+    for name in family.layer_end_attrs:  # "... when i <= end"
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, sum(old <= getattr(cfg, name) for old in layers) - 1)
     cfg.num_hidden_layers = len(layers)
     cfg.architectures = None
     # Weights are saved dequantised: a GGUF source's quantization_config must not travel along; nor may the
@@ -145,10 +121,11 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: range) 
     return cfg
 
 
-def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure) -> list[str]:
-    """Copy every source tensor to its place; returns the names of our parameters that were copied."""
+def copy_source_weights(
+    model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure, mapping: LayerMapping
+) -> list[str]:
+    """Copy every source tensor to its place(s); returns the names of our parameters that were copied."""
     base = source.base_model
-    n_block = model.config.block_decoder_config.num_hidden_layers
     embed_name = structure.embedding
     layer_prefix = f"{structure.layers}."
     block_state: dict[str, torch.Tensor] = {}
@@ -156,10 +133,10 @@ def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedMo
     for key, tensor in base.state_dict().items():
         if key.startswith(layer_prefix):
             index, rest = key[len(layer_prefix) :].split(".", 1)
-            if int(index) < n_block:
-                block_state[f"{layer_prefix}{index}.{rest}"] = tensor
-            else:
-                token_state[f"{layer_prefix}{int(index) - n_block}.{rest}"] = tensor
+            for state, layers in ((block_state, mapping.block), (token_state, mapping.token)):
+                for new_index, old_index in enumerate(layers):
+                    if old_index == int(index):
+                        state[f"{layer_prefix}{new_index}.{rest}"] = tensor
         elif key.startswith(f"{embed_name}."):
             continue
         elif structure.final_norm and key.startswith(f"{structure.final_norm}."):
@@ -179,6 +156,23 @@ def copy_source_weights(model: BlockTransformerForCausalLM, source: PreTrainedMo
     copied = [f"block_decoder.{k}" for k in block_state] + [f"token_decoder.{k}" for k in token_state]
     head = ["lm_head.weight", "lm_head.bias"] if model.config.lm_head_bias else ["lm_head.weight"]
     return copied + ["embed_tokens.weight", *head]
+
+
+def lower_stack(source: PreTrainedModel, family: Family, structure: Structure, num_layers: int) -> PreTrainedModel:
+    """The source's layers [0, num_layers) as a decoder of their own (no vocabulary table, no final norm):
+    what computes the state the source had before layer ``num_layers``, for the sink-aware init."""
+    sub_config = _sub_config(source.config, family, range(num_layers))
+    sub_config._attn_implementation = source.config._attn_implementation
+    decoder = _build_decoder(sub_config, structure.final_norm).to(source.get_input_embeddings().weight.dtype)
+    state = {
+        key: tensor
+        for key, tensor in source.base_model.state_dict().items()
+        if not key.startswith(f"{structure.embedding}.")
+        and not (structure.final_norm and key.startswith(f"{structure.final_norm}."))
+        and not (key.startswith(f"{structure.layers}.") and int(key[len(structure.layers) + 1 :].split(".", 1)[0]) >= num_layers)
+    }
+    _load_exact(decoder, state, "lower layers")
+    return decoder.eval()
 
 
 def _load_exact(decoder: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

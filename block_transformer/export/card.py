@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .. import __version__
+from ..convert.mapping import format_layers
 from .atomic import ExportError, write_text_atomic
 
 if TYPE_CHECKING:
@@ -62,6 +63,22 @@ UPTRAIN_TABLE = CardTable(
 )
 
 
+def _layer_list(layers: list[int] | None, count) -> str:
+    """Source layers as ``0-14`` (``count`` layers when an older record has no list)."""
+    return f"source layers {format_layers(layers)}" if layers else f"{count} layers"
+
+
+def _layers_text(conv: dict, split: list) -> str:
+    kind = conv.get("mapping", "partition")
+    if kind == "duplicate":
+        return (f"Both decoders start from all {split[0]} layers of the source (the token decoder is the full source "
+                "network on local context; a layer in both is copied, not shared)")
+    if kind == "custom":
+        return (f"The block decoder starts from source layers {format_layers(conv['block_layers'])} and the token "
+                f"decoder from {format_layers(conv['token_layers'])} (a layer in both is copied)")
+    return f"Layers [0, {split[0]}) of the source form the block decoder and the remaining {split[1]} the token decoder"
+
+
 def model_card(model: BlockTransformerForCausalLM, name: str, uptraining: dict | None = None) -> str:
     """A hub model card: metadata, what the model is, how it was made, measured figures, how to load it.
 
@@ -72,6 +89,7 @@ def model_card(model: BlockTransformerForCausalLM, name: str, uptraining: dict |
     conv = cfg.conversion or {}
     source = conv.get("source", "unknown")
     split = conv.get("split", ["?", "?"])
+    layers_text = _layers_text(conv, split)
     n_params = sum(p.numel() for p in model.parameters())
     license_ = source_license(conv)
     metadata: dict = {"library_name": "transformers", "pipeline_tag": "text-generation"}
@@ -99,7 +117,7 @@ cache), the upper layers attend locally inside a block.
 | source | `{source}` ({conv.get("source_kind", "?")}) |
 | source revision | `{conv.get("revision")}` |
 {license_row}| family / model type | {conv.get("family")} / {conv.get("model_type")} |
-| split (block / token decoder layers) | {split[0]} / {split[1]} |
+| layer mapping ({conv.get("mapping", "partition")}) | block decoder: {_layer_list(conv.get("block_layers"), split[0])}; token decoder: {_layer_list(conv.get("token_layers"), split[1])} |
 | block length L_B | {cfg.block_len} |
 | prefix tokens N_P | {cfg.num_prefix_tokens} |
 | init of the new modules | `{conv.get("init")}` |
@@ -109,8 +127,7 @@ cache), the upper layers attend locally inside a block.
 | max length (tokens) | {cfg.max_position_embeddings} |
 | made with | block-transformer {conv.get("block_transformer_version", __version__)} |
 
-Layers [0, {split[0]}) of the source form the block decoder and the remaining {split[1]} the token
-decoder; their weights, the token embedding, final norm and LM head are exact copies of the source's.
+{layers_text}; their weights, the token embedding, final norm and LM head are exact copies of the source's.
 {_weights_status(uptraining)}
 
 {MEASURED_HEADING}

@@ -42,7 +42,7 @@ def load_model(recipe: Recipe, blueprint: Blueprint) -> tuple[BlockTransformerFo
     from ..convert.convert import convert
 
     model, tokenizer, _ = convert(
-        m.source, blueprint.split, m.block_len, m.num_prefix_tokens, init=m.init, dtype=torch.float32,
+        m.source, blueprint.mapping, m.block_len, m.num_prefix_tokens, init=m.init, dtype=torch.float32,
         revision=m.revision, separator=m.separator,
     )
     return model.train(), tokenizer

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..sources import Source, resolve_source
 from ..convert.convert import resolve_separator
-from ..convert.surgery import Split
+from ..convert.mapping import LayerMapping
 from ..data_spec import DataSpec
 from ..export import check_output
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
@@ -38,7 +38,7 @@ class Blueprint:
 
     config: BlockTransformerConfig  # the model to train (for a source, the conversion's config, planned)
     tokenizer: PreTrainedTokenizerBase
-    split: Split | None  # how a source is split when converted (its default resolved); None for a folder
+    mapping: LayerMapping | None  # how a source's layers are mapped when converted (default resolved); None for a folder
     separator_id: int  # the document separator the data is packed with
     hidden_layers: list[int]  # token-decoder layers aligned with the source's ([] without hidden alignment)
     teacher: Source | None  # the source model: distillation teacher and reference, when known
@@ -119,9 +119,9 @@ def read_blueprint(recipe: Recipe) -> Blueprint:
     """The model's config and tokenizer (a source's conversion planned on paper), checked against the recipe."""
     if recipe.model.path is not None:
         config, tokenizer = _read_folder(recipe.model.path)
-        split, teacher = None, teacher_source(recipe, config)
+        mapping, teacher = None, teacher_source(recipe, config)
     else:
-        config, tokenizer, split, source = _plan_conversion(recipe)
+        config, tokenizer, mapping, source = _plan_conversion(recipe)
         teacher = resolve_source(recipe.distill.teacher) if recipe.distill.teacher else source
     check_seq_len(recipe, config.block_len)
     if recipe.distill.needs_teacher and teacher is None:
@@ -129,7 +129,7 @@ def read_blueprint(recipe: Recipe) -> Blueprint:
     return Blueprint(
         config=config,
         tokenizer=tokenizer,
-        split=split,
+        mapping=mapping,
         separator_id=resolve_separator(tokenizer, config, recipe.data.separator, setting="data.separator"),
         hidden_layers=hidden_layers(recipe.distill, config.token_decoder_config.num_hidden_layers),
         teacher=teacher,
@@ -155,19 +155,21 @@ def _read_folder(path: str) -> tuple[BlockTransformerConfig, PreTrainedTokenizer
     return config, AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 
 
-def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrainedTokenizerBase, Split, Source]:
+def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrainedTokenizerBase, LayerMapping, Source]:
     """The config ``convert`` will build from ``model.source``, and the source's tokenizer: no weights read."""
     from ..convert.convert import conversion_config
     from ..convert.surgery import check_conversion
 
     m = recipe.model
     source = resolve_source(m.source, revision=m.revision)
-    split = Split.parse(m.split) if m.split else Split.halves(source.config.num_hidden_layers)
-    check_conversion(source.config, split, m.block_len, m.num_prefix_tokens)  # before anything is built
+    mapping = LayerMapping.from_options(
+        m.split, m.block_layers, m.token_layers, names=("model.split", "model.block_layers", "model.token_layers")
+    ) or LayerMapping.halves(source.config.num_hidden_layers)
+    check_conversion(source.config, mapping, m.block_len, m.num_prefix_tokens)  # before anything is built
     tokenizer = source.load_tokenizer()
     separator_id = resolve_separator(tokenizer, source.config, m.separator, setting="model.separator")
-    config, _ = conversion_config(source.skeleton(), split, m.block_len, m.num_prefix_tokens, m.init, separator_id)
-    return config, tokenizer, split, source
+    config, _ = conversion_config(source.skeleton(), mapping, m.block_len, m.num_prefix_tokens, m.init, separator_id)
+    return config, tokenizer, mapping, source
 
 
 def teacher_source(recipe: Recipe, config: BlockTransformerConfig) -> Source | None:

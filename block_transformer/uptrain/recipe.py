@@ -63,12 +63,15 @@ Betas = Annotated[tuple[Beta, Beta], BeforeValidator(_list_as_tuple)]
 
 
 class ModelSection(_Section):
-    """Either a converted folder (``path``) or a source to convert first (``source`` + conversion fields)."""
+    """Either a converted folder (``path``) or a source to convert first (``source`` + conversion fields,
+    which a folder ignores: it was converted already)."""
 
     path: str | None = None
     source: str | None = None
     block_len: int = Field(4, ge=1)
     split: str | None = None  # "N_b/N_t"; default: half and half
+    block_layers: str | list[int] | None = None  # instead of split, with token_layers: "0-14", "0,2,4", [0, 2, 4]
+    token_layers: str | list[int] | None = None
     num_prefix_tokens: int = Field(2, ge=1)
     init: Literal[INITS] = DEFAULT_INIT  # checked here, before any conversion work
     separator: str | None = None
