@@ -12,8 +12,8 @@ MAPPINGS: dict[str, tuple[str, str, int]] = {
     "partition 20/10": ("0-19", "20-29", 4),
     "duplicate 30/30": ("0-29", "0-29", 4),
     "interleaved even/odd": ("0-28:2", "1-29:2", 4),
-    "partition 15/15, L_B 2": ("0-14", "15-29", 2),
-    "partition 15/15, L_B 8": ("0-14", "15-29", 8),
+    "partition 15/15 L_B 2": ("0-14", "15-29", 2),
+    "partition 15/15 L_B 8": ("0-14", "15-29", 8),
 }
 DEFAULT = "partition 15/15"
 

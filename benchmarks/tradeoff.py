@@ -1,0 +1,182 @@
+"""The quality/speed trade-off of layer mappings, measured with the project's own commands.
+
+For every mapping in ``benchmarks/mappings.py`` (or those named with ``--mappings``), on the demo
+SmolLM2-135M and the Python-docs corpus:
+
+1. ``bt-convert`` with the mapping's ``--block-layers/--token-layers/--block-len``;
+2. ``bt-uptrain`` of the converted folder with the default recipe (``recipes/smollm2-pydocs.yaml``)
+   for each ``--tokens`` budget: its summary gives held-out perplexity at step 0 and at the end, on
+   the recipe's held-out tail (the source's perplexity on the same tokens is scored by the run too);
+3. ``bt-bench`` of the converted folder against the source (throughput does not depend on the
+   weights, so the fresh conversion is benchmarked): whole-call and decode throughput ratios, KV
+   cache per sequence; and the parameter count.
+
+Every stage writes its own output under ``--workdir`` and is skipped when that output exists, so an
+interrupted run resumes where it stopped; ``--json`` collects what exists so far (written atomically).
+``--plot`` draws perplexity vs whole-call speed-up (needs ``pip install -e .[plot]``).
+
+    python benchmarks/tradeoff.py --tokens 100000                       # every mapping, hours on a CPU
+    python benchmarks/tradeoff.py --mappings "duplicate 30/30" --tokens 100000,300000
+    python benchmarks/tradeoff.py --skip bench --tokens 25600 --plot    # quality only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mappings import DEFAULT, MAPPINGS  # noqa: E402
+
+from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
+from block_transformer.export import write_text_atomic  # noqa: E402
+
+logger = logging.getLogger("tradeoff")
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mappings", default=",".join(MAPPINGS), help="comma-separated names from benchmarks/mappings.py")
+    parser.add_argument("--tokens", default="100000", help="comma-separated uptraining budgets (train.max_tokens)")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "smollm2-pydocs.yaml")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra bt-uptrain --set (repeatable)")
+    parser.add_argument("--bench", default="32:1024/128,32:128/512", help="batch:prompt/new settings for bt-bench")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: uptrain, bench")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "tradeoff")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "tradeoff.json")
+    parser.add_argument("--plot", action="store_true", help="also write the PNG next to --json")
+    return parser.parse_args()
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """One project command, its output kept in ``log``; a failure stops the benchmark with the log's tail."""
+    logger.info("$ %s", " ".join(cmd))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+    if code:
+        tail = log.read_text().strip().splitlines()[-3:]
+        sys.exit(f"{cmd[0]} failed (exit {code}), see {log}:\n" + "\n".join(tail))
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "-").replace("/", "-").replace(",", "")
+
+
+def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
+    block, token, block_len = MAPPINGS[name]
+    here = args.workdir / slug(name)
+    converted = here / "converted"
+    convert = [str(BIN / "bt-convert"), str(source), "--block-len", str(block_len), "--block-layers", block,
+               "--token-layers", token, "-o", str(converted)]
+    if not (converted / "config.json").is_file():
+        run(convert, here / "convert.log")
+    config = json.loads((converted / "config.json").read_text())
+    row: dict = {"mapping": name, "block_layers": block, "token_layers": token, "block_len": block_len,
+                 "commands": {"convert": " ".join(convert)}, "uptraining": {}}
+
+    skip = set(args.skip.split(","))
+    for tokens in (int(t) for t in args.tokens.split(",") if t) if "uptrain" not in skip else ():
+        out = here / f"uptrained-{tokens}"
+        cmd = [str(BIN / "bt-uptrain"), str(args.recipe), "--set", "model.source=null", "--set", f"model.path={converted}",
+               "--set", f"distill.teacher={source}", "--set", f"train.max_tokens={tokens}", "--set", f"output.dir={out}",
+               *(arg for s in args.sets for arg in ("--set", s))]
+        if not (out / "uptraining_summary.json").is_file():
+            run(cmd, here / f"uptrain-{tokens}.log")
+        summary = json.loads((out / "uptraining_summary.json").read_text())
+        row["uptraining"][str(tokens)] = {
+            key: summary.get(key) for key in ("tokens", "step0_ppl", "final_ppl", "source_ppl", "method", "hardware")
+        }
+        row["commands"][f"uptrain {tokens}"] = " ".join(cmd)
+
+    if "bench" not in skip:
+        bench_json = here / "bench.json"
+        cmd = [str(BIN / "bt-bench"), str(converted), "--baseline", str(source), "--repeats", str(args.repeats),
+               "--json", str(bench_json)]
+        for setting in args.bench.split(","):
+            batch, shape = setting.split(":")
+            prompt, new = shape.split("/")
+            cmd += ["--batch-size", batch, "--prompt-len", prompt, "--new-tokens", new]
+        if not bench_json.is_file():
+            run(cmd, here / "bench.log")
+        row["bench"] = json.loads(bench_json.read_text())
+        row["commands"]["bench"] = " ".join(cmd)
+    row["parameters"] = _parameters(converted)
+    row["conversion"] = {k: config["conversion"].get(k) for k in ("mapping", "split", "block_layers", "token_layers")}
+    return row
+
+
+def _parameters(folder: Path) -> int:
+    """Parameters stored in the folder's safetensors (a tied head is stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity (largest budget measured) vs whole-call speed-up at the first bench setting; source at (1x, its ppl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    source_ppl = None
+    for row in rows:
+        if not row["uptraining"] or "bench" not in row:
+            continue
+        budget = max(row["uptraining"], key=int)
+        result = row["uptraining"][budget]
+        speedup = next(iter(row["bench"]["settings"].values()))["ratios"]["whole_call_tokens_per_s"]
+        ax.scatter([speedup], [result["final_ppl"]])
+        ax.annotate(f"{row['mapping']} ({int(budget) // 1000}k)", (speedup, result["final_ppl"]), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+        source_ppl = result["source_ppl"]
+    if source_ppl is not None:
+        ax.scatter([1.0], [source_ppl], marker="*", s=120, color="black")
+        ax.annotate("source", (1.0, source_ppl), xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("whole-call generation throughput vs source (x)")
+    ax.set_ylabel("held-out perplexity (Python-docs tail)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    names = [name.strip() for name in args.mappings.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MAPPINGS]
+    if unknown:
+        sys.exit(f"unknown mapping {unknown[0]!r}: choose from {', '.join(MAPPINGS)}")
+    source, corpus = smollm2_path(), pydocs_path()
+    if not source.exists() or not corpus.exists():
+        sys.exit("missing demo assets: run `bt-fetch-demo` first.")
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
+    rows = {row["mapping"]: row for row in previous["rows"]}
+    for name in names:
+        rows[name] = measure(name, args, source)
+        report = {"benchmark": "tradeoff", "default": DEFAULT, "rows": list(rows.values())}
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+        logger.info("%s measured; wrote %s", name, args.json)
+    if args.plot:
+        plot(list(rows.values()), args.json.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
