@@ -103,13 +103,47 @@ class BlockTransformerPreTrainedModel(PreTrainedModel):
         return (model, info) if output_loading_info else model
 
 
+@dataclass
+class KVLayout:
+    """Where the positions of one cached decoder call come from and go to.
+
+    The call's input is [C, W]: C chunks of W positions. Position (c, w) belongs to row ``rows[c, w]`` and
+    is written to slot ``slots[c, w]`` (slot i holds position i). Chunk c attends to the cached entries of
+    the G rows ``key_rows[c]``, laid end to end, and each position only to those of its own row, member
+    ``members[c, w]`` of ``key_rows[c]``. ``key_rows`` None means chunk c is row c (G = 1): the whole batch
+    in order, read without a gather.
+
+    Packing several rows into one chunk is what lets a decode step send every row through the token decoder
+    in one call, whatever the rows' phases: a row that starts a block brings N_P positions (its prefix), a
+    row inside a block brings one, and rows of one position share chunks N_P at a time. Positions that pad
+    the last chunk belong to the cache's scratch row, which no sequence owns.
+    """
+
+    rows: torch.Tensor  # [C, W]
+    slots: torch.Tensor  # [C, W]
+    key_rows: torch.Tensor | None = None  # [C, G]
+    members: torch.Tensor | None = None  # [C, W], index into key_rows[c]; None: 0
+
+    @classmethod
+    def per_row(cls, rows: torch.Tensor | None, slots: torch.Tensor, batch_size: int) -> "KVLayout":
+        """One chunk per row: ``rows`` (None = all, in order) write ``slots`` [R, W]."""
+        if rows is None:
+            rows = torch.arange(batch_size, device=slots.device)
+            key_rows = None
+        else:
+            key_rows = rows.unsqueeze(1)
+        return cls(rows=rows.unsqueeze(1).expand_as(slots), slots=slots, key_rows=key_rows)
+
+
 class DecoderKV:
     """KV buffers for the layers of one decoder: slot i holds position i, rows filled to different lengths.
 
     Duck-types the part of ``transformers.Cache`` the family's attention layers use (``update``). Each call
-    names the rows taking part and where their new entries go (``prepare``), because rows of a batch sit at
-    different offsets inside their current block (block-transformer docs/design.md §3). Attention masks are built here, from the
-    slots, so the family's mask code never has to understand per-row lengths.
+    says which rows take part, where their new entries go and which entries each position sees
+    (``prepare`` with a ``KVLayout``), because rows of a batch sit at different offsets inside their current
+    block (block-transformer docs/design.md §3). Attention masks are built here, from the slots, so the
+    family's mask code never has to understand per-row lengths. Row ``batch_size`` is scratch: padding
+    positions write there and nothing real ever reads it.
     """
 
     is_compileable = False
@@ -121,31 +155,33 @@ class DecoderKV:
         self.capacity = capacity  # fixed size (token decoder), or None: grow as blocks arrive
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._rows: torch.Tensor | None = None  # rows of this call, None = all (then no gather on read)
-        self._write_rows: torch.Tensor | None = None  # the same as indices, for the scatter on write
-        self._slots: torch.Tensor | None = None
+        self._layout: KVLayout | None = None
         self._kv_len = 0
 
-    def prepare(self, rows: torch.Tensor | None, write_at: torch.Tensor, num_new: int, attn_impl: str, dtype):
-        """Set up one call: rows (None = all) write ``num_new`` entries from slot ``write_at``; returns its mask."""
-        self._rows = rows
-        self._write_rows = rows if rows is not None else torch.arange(self.batch_size, device=write_at.device)
-        self._slots = write_at.view(-1, 1) + torch.arange(num_new, device=write_at.device)
-        self._kv_len = int(self._slots.max()) + 1
+    def prepare(self, layout: KVLayout, attn_impl: str, dtype):
+        """Set up one call laid out as ``layout``; returns its attention mask (per layer type if they differ)."""
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(
                 f"cached generation supports attn_implementation 'sdpa' and 'eager', not {attn_impl!r}: "
                 "load the model with attn_implementation='sdpa'."
             )
+        self._layout = layout
+        self._kv_len = int(layout.slots.max()) + 1
         masks = {kind: self._mask(window, attn_impl, dtype) for kind, window in self.windows.items()}
         return masks[None] if None in masks else masks  # per-layer-type masks go in as the family's mapping
 
     def _mask(self, window: int | None, attn_impl: str, dtype) -> torch.Tensor:
-        keys = torch.arange(self._kv_len, device=self._slots.device)
-        allowed = keys <= self._slots.unsqueeze(-1)  # causal; slots past a row's length are never allowed
+        layout = self._layout
+        slots = layout.slots.unsqueeze(-1)  # [C, W, 1]
+        groups = 1 if layout.key_rows is None else layout.key_rows.shape[1]
+        keys = torch.arange(self._kv_len, device=slots.device).repeat(groups)  # slot of each key, member by member
+        allowed = keys <= slots  # causal; slots past a row's length are never allowed
         if window is not None:
-            allowed &= keys > self._slots.unsqueeze(-1) - window
-        allowed = allowed.unsqueeze(1)  # [R, 1, q, kv]
+            allowed &= keys > slots - window
+        if groups > 1:  # a position sees only the entries of its own row
+            member_of_key = torch.arange(groups, device=slots.device).repeat_interleave(self._kv_len)
+            allowed &= member_of_key == layout.members.unsqueeze(-1)
+        allowed = allowed.unsqueeze(1)  # [C, 1, W, G * kv]
         if attn_impl == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -153,18 +189,25 @@ class DecoderKV:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         if layer_idx == len(self.keys):  # keys and values may differ in head size (multi-head latent attention)
             slots = self.capacity or self._kv_len
-            self.keys.append(key.new_zeros(self.batch_size, key.shape[1], slots, key.shape[-1]))
-            self.values.append(value.new_zeros(self.batch_size, value.shape[1], slots, value.shape[-1]))
+            self.keys.append(key.new_zeros(self.batch_size + 1, key.shape[1], slots, key.shape[-1]))
+            self.values.append(value.new_zeros(self.batch_size + 1, value.shape[1], slots, value.shape[-1]))
         if self._kv_len > self.keys[layer_idx].shape[2]:
             grow = max(self._kv_len, 2 * self.keys[layer_idx].shape[2]) - self.keys[layer_idx].shape[2]
             for buffers in (self.keys, self.values):
                 extra = buffers[layer_idx].new_zeros(*buffers[layer_idx].shape[:2], grow, buffers[layer_idx].shape[3])
                 buffers[layer_idx] = torch.cat([buffers[layer_idx], extra], dim=2)
-        self.keys[layer_idx][self._write_rows.unsqueeze(1), :, self._slots] = key.transpose(1, 2)
-        self.values[layer_idx][self._write_rows.unsqueeze(1), :, self._slots] = value.transpose(1, 2)
-        if self._rows is None:
-            return self.keys[layer_idx][:, :, : self._kv_len], self.values[layer_idx][:, :, : self._kv_len]
-        return self.keys[layer_idx][self._rows, :, : self._kv_len], self.values[layer_idx][self._rows, :, : self._kv_len]
+        layout = self._layout
+        self.keys[layer_idx][layout.rows, :, layout.slots] = key.transpose(1, 2)
+        self.values[layer_idx][layout.rows, :, layout.slots] = value.transpose(1, 2)
+        return self._read(self.keys[layer_idx]), self._read(self.values[layer_idx])
+
+    def _read(self, buffer: torch.Tensor) -> torch.Tensor:
+        """What the call's chunks attend to: [C, heads, G * kv_len, head_dim]."""
+        key_rows = self._layout.key_rows
+        if key_rows is None:
+            return buffer[: self.batch_size, :, : self._kv_len]
+        entries = buffer[key_rows, :, : self._kv_len]  # [C, G, heads, kv_len, head_dim]
+        return entries.squeeze(1) if key_rows.shape[1] == 1 else entries.transpose(1, 2).flatten(2, 3)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
@@ -325,18 +368,21 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         inputs: torch.Tensor,
         positions: torch.Tensor,
         kv: DecoderKV | None = None,
-        rows: torch.Tensor | None = None,
-        write_at: torch.Tensor | None = None,
+        layout: KVLayout | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """The family's base model on ``inputs_embeds`` at explicit positions, optionally through a cache."""
+        """The family's base model on ``inputs_embeds`` at explicit positions, optionally through a cache.
+
+        With a cache, ``layout`` says which row and slot each position belongs to (default: row b of the
+        batch is row b of the input, writing from slot 0); a slot is its position.
+        """
         inputs = self.decoder_inputs(inputs)
         if kv is None:
             out = decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs)
             return out.last_hidden_state
-        if write_at is None:
-            write_at = torch.zeros(inputs.shape[0], dtype=torch.long, device=inputs.device)
-        mask = kv.prepare(rows, write_at, inputs.shape[1], decoder.config._attn_implementation, inputs.dtype)
+        if layout is None:
+            layout = KVLayout.per_row(None, positions.expand(inputs.shape[:2]), kv.batch_size)
+        mask = kv.prepare(layout, decoder.config._attn_implementation, inputs.dtype)
         out = decoder(
             inputs_embeds=inputs, position_ids=positions, attention_mask=mask, use_cache=True, **{cache_kwarg(decoder): kv}
         )
@@ -462,7 +508,8 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
     def _decode_step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: BlockTransformerCache
     ) -> BlockTransformerCausalLMOutput:
-        """Feed each row's newest token; rows that complete a block go through embedder + block decoder.
+        """Feed each row's newest token: one block-decoder call for the rows that complete a block, then one
+        token-decoder call for every row.
 
         A completed block is never a token-decoder input: its embedding extends the block cache, the new
         context is expanded into a fresh prefix (the token cache restarts) and the last prefix slot
@@ -472,37 +519,81 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             raise ValueError("with a started cache, pass only the newest token of each row (input_ids of shape [B, 1]).")
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError("the newest token of every row must be real (attention_mask 1) during cached decoding.")
-        cfg = self.config
-        block_len, n_prefix = cfg.block_len, cfg.num_prefix_tokens
+        block_len = self.config.block_len
         token = input_ids[:, 0]
         batch = token.shape[0]
-        all_rows = torch.arange(batch, device=token.device)
         offset = cache.num_tokens % block_len
-        cache.current_block[all_rows, offset] = token
+        cache.current_block[torch.arange(batch, device=token.device), offset] = token
         completes = offset == block_len - 1
-        hidden = self.embed_tokens.weight.new_empty(batch, cfg.hidden_size)
-
+        prefix = None
         if bool(completes.any()):
             rows = _rows_where(completes)
-            index = all_rows if rows is None else rows
-            block_ids = cache.current_block[index]
+            block_ids = cache.current_block if rows is None else cache.current_block[rows]
             blocks = self.embed_blocks(block_ids, torch.ones_like(block_ids, dtype=torch.bool)).unsqueeze(1)
-            write_at = 1 + cache.num_tokens[index] // block_len  # block k sits at block position k + 1
-            context = self._run_decoder(self.block_decoder, blocks, write_at.unsqueeze(1), cache.block, rows, write_at)
+            write_at = 1 + cache.num_tokens[completes] // block_len  # block k sits at block position k + 1
+            layout = KVLayout.per_row(rows, write_at.unsqueeze(1), batch)
+            context = self._run_decoder(self.block_decoder, blocks, layout.slots, cache.block, layout)
             prefix = self.expand_prefix(context[:, 0])
-            positions = torch.arange(n_prefix, device=token.device).expand(index.shape[0], -1)
-            restart = torch.zeros_like(write_at)
-            hidden[index] = self._run_decoder(self.token_decoder, prefix, positions, cache.token, rows, restart)[:, -1]
-        if not bool(completes.all()):
-            rows = _rows_where(~completes)
-            index = all_rows if rows is None else rows
-            write_at = n_prefix + offset[index]
-            inputs = self.token_decoder_inputs(token[index]).unsqueeze(1)
-            hidden[index] = self._run_decoder(
-                self.token_decoder, inputs, write_at.unsqueeze(1), cache.token, rows, write_at
-            )[:, -1]
+        inputs, layout, take = self._token_step_layout(token, offset, completes, prefix)
+        hidden = self._run_decoder(self.token_decoder, inputs, layout.slots, cache.token, layout).flatten(0, 1)
+        hidden = hidden[take]
         cache.num_tokens += 1
         return BlockTransformerCausalLMOutput(logits=self.logits(hidden).unsqueeze(1), past_key_values=cache)
+
+    def _token_step_layout(
+        self, token: torch.Tensor, offset: torch.Tensor, completes: torch.Tensor, prefix: torch.Tensor | None
+    ) -> tuple[torch.Tensor, KVLayout, torch.Tensor]:
+        """The token-decoder input of a decode step for every row at once: (inputs [C, W, D], their layout,
+        the flat index of each row's predicting state in the [C * W] outputs).
+
+        A row that completes a block brings its N_P prefix vectors (slots 0 … N_P - 1, the token cache
+        restarts); any other row brings its newest token, at slot N_P + its offset in the block. When every
+        row brings as many positions as the others (aligned prompts, or N_P = 1), the batch goes in as it
+        is. Otherwise each prefix is a chunk of its own and the one-position rows share chunks of N_P, so
+        no position is computed for nothing except the padding of the last chunk (< N_P positions).
+        """
+        n_prefix = self.config.num_prefix_tokens
+        device = token.device
+        batch = token.shape[0]
+        n_complete = int(completes.sum())
+        if n_complete == batch:  # every row starts a block
+            slots = torch.arange(n_prefix, device=device).expand(batch, -1)
+            take = torch.arange(batch, device=device) * n_prefix + n_prefix - 1
+            return prefix, KVLayout.per_row(None, slots, batch), take
+        inputs = self.token_decoder_inputs(token)
+        slots = n_prefix + offset
+        if n_complete == 0 or n_prefix == 1:  # one position per row
+            if n_complete:
+                inputs = inputs.masked_scatter(completes.unsqueeze(-1), prefix[:, -1])
+                slots = slots.masked_fill(completes, 0)
+            layout = KVLayout.per_row(None, slots.unsqueeze(1), batch)
+            return inputs.unsqueeze(1), layout, torch.arange(batch, device=device)
+
+        width = n_prefix
+        starting = completes.nonzero(as_tuple=True)[0]
+        going_on = (~completes).nonzero(as_tuple=True)[0]
+        n_going_on = going_on.shape[0]
+        pad = -n_going_on % width
+        scratch = torch.full((pad,), batch, dtype=torch.long, device=device)  # the cache's scratch row
+        flat_inputs = torch.cat([prefix.flatten(0, 1), inputs[going_on], inputs.new_zeros(pad, inputs.shape[-1])])
+        rows = torch.cat([starting.repeat_interleave(width), going_on, scratch])
+        flat_slots = torch.cat([torch.arange(width, device=device).repeat(n_complete), slots[going_on], scratch * 0])
+        members = torch.cat([
+            torch.zeros(n_complete * width, dtype=torch.long, device=device),
+            torch.arange(n_going_on + pad, device=device) % width,
+        ])
+        key_rows = torch.cat([
+            torch.cat([starting.unsqueeze(1), starting.new_full((n_complete, width - 1), batch)], dim=1),
+            torch.cat([going_on, scratch]).view(-1, width),
+        ])
+        layout = KVLayout(
+            rows=rows.view(-1, width), slots=flat_slots.view(-1, width), key_rows=key_rows,
+            members=members.view(-1, width),
+        )
+        take = torch.empty(batch, dtype=torch.long, device=device)
+        take[starting] = torch.arange(n_complete, device=device) * width + width - 1
+        take[going_on] = n_complete * width + torch.arange(n_going_on, device=device)
+        return flat_inputs.view(-1, width, flat_inputs.shape[-1]), layout, take
 
     @staticmethod
     def loss(
