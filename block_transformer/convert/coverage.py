@@ -21,8 +21,8 @@ from ..errors import BlockTransformerError, Refused, first_line
 from .convert import convert_model
 from .discovery import check_architecture, find_structure
 from .families import family_for
-from .probe import probe
 from .mapping import LayerMapping
+from .probe import probe
 
 TINY_VOCAB = 128
 # Shrinks applied where the config class has the field: small enough for a CPU sweep, large enough for
@@ -42,7 +42,11 @@ _PER_FAMILY = {
         ffn_config={"hidden_size": 64, "ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
     ),
     "zaya": dict(num_experts_per_tok=1),
+    # the library's default has no RoPE parameters for its only layer type (its own default cannot build)
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
+# Nested sub-configs that ignore the shrink passed to them: (field path, the top-level field it must equal).
+_NESTED = {"dbrx": [("ffn_config.hidden_size", "d_model")]}
 _MLA = dict(num_key_value_heads=4, head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
 _DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout",
              "embedding_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_first_dropout")
@@ -60,7 +64,11 @@ def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
     shrink = {**_TINY, **mla, **_PER_FAMILY.get(model_type, {}), **overrides}
     fields = {k: v for k, v in shrink.items() if _settable(defaults, k) or k in _PER_FAMILY.get(model_type, {})}
     fields.update({k: 0.0 for k in _DROPOUTS if isinstance(getattr(defaults, k, None), float)})
-    return config_class(**fields)
+    config = config_class(**fields)
+    for path, source in _NESTED.get(model_type, []):
+        parent, name = path.split(".")
+        setattr(getattr(config, parent), name, getattr(config, source))
+    return config
 
 
 def _settable(config: PretrainedConfig, name: str) -> bool:
