@@ -68,6 +68,24 @@ def run(cmd: list[str], log: Path) -> None:
         sys.exit(f"{cmd[0]} failed (exit {code}), see {log}:\n" + "\n".join(tail))
 
 
+def bench_settings(bench: str) -> list[tuple[int, int, int]]:
+    """``"32:1024/128,32:128/512"`` -> [(batch, prompt, new), ...]."""
+    settings = []
+    for setting in bench.split(","):
+        batch, shape = setting.split(":")
+        prompt, new = shape.split("/")
+        settings.append((int(batch), int(prompt), int(new)))
+    return settings
+
+
+def kv_per_sequence(model, bench: str) -> dict[str, int]:
+    """KV-cache bytes one sequence holds at the end of each bench setting (bt-bench's analytic formula)."""
+    from block_transformer.bench.settings import Setting
+    from block_transformer.bench.throughput import kv_cache_bytes
+
+    return {f"p{p}-n{n}": kv_cache_bytes(model, Setting(b, p, n)) for b, p, n in bench_settings(bench)}
+
+
 def slug(name: str) -> str:
     return name.replace(" ", "-").replace("/", "-").replace(",", "")
 
@@ -102,15 +120,14 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
         bench_json = here / "bench.json"
         cmd = [str(BIN / "bt-bench"), str(converted), "--baseline", str(source), "--repeats", str(args.repeats),
                "--json", str(bench_json)]
-        for setting in args.bench.split(","):
-            batch, shape = setting.split(":")
-            prompt, new = shape.split("/")
-            cmd += ["--batch-size", batch, "--prompt-len", prompt, "--new-tokens", new]
+        for batch, prompt, new in bench_settings(args.bench):
+            cmd += ["--batch-size", str(batch), "--prompt-len", str(prompt), "--new-tokens", str(new)]
         if not bench_json.is_file():
             run(cmd, here / "bench.log")
         row["bench"] = json.loads(bench_json.read_text())
         row["commands"]["bench"] = " ".join(cmd)
     row["parameters"] = _parameters(converted)
+    row["kv_cache_bytes_per_sequence"] = _kv_bytes(converted, args.bench)
     row["conversion"] = {k: config["conversion"].get(k) for k in ("mapping", "split", "block_layers", "token_layers")}
     return row
 
@@ -124,6 +141,29 @@ def _parameters(folder: Path) -> int:
         with safe_open(path, "pt") as f:
             total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     return total
+
+
+def _source_figures(source: Path, bench: str) -> dict:
+    """Parameters and KV cache of the source (built on the meta device: nothing is loaded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from block_transformer.sources import resolve_source
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(resolve_source(str(source)).config, dtype=torch.float32)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    return {"parameters": sum(unique.values()), "kv_cache_bytes_per_sequence": kv_per_sequence(model, bench)}
+
+
+def _kv_bytes(folder: Path, bench: str) -> dict[str, int]:
+    import torch
+
+    from block_transformer.modeling import BlockTransformerConfig, BlockTransformerForCausalLM
+
+    with torch.device("meta"):
+        model = BlockTransformerForCausalLM(BlockTransformerConfig.from_pretrained(folder))
+    return kv_per_sequence(model, bench)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -168,6 +208,8 @@ def main() -> int:
         sys.exit("missing demo assets: run `bt-fetch-demo` first.")
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     rows = {row["mapping"]: row for row in previous["rows"]}
+    if "source" not in rows:  # the reference row: the source's own KV cache and size
+        rows["source"] = {"mapping": "source", "uptraining": {}, **_source_figures(source, args.bench)}
     for name in names:
         rows[name] = measure(name, args, source)
         report = {"benchmark": "tradeoff", "default": DEFAULT, "rows": list(rows.values())}
