@@ -41,7 +41,7 @@ from ..modeling import BlockTransformerForCausalLM
 from . import checkpoint
 from .build import apply_lora, count_parameters, exportable_model, load_model, load_teacher, lr_lambdas, parameter_groups
 from .data import Batch, LocalData, StreamingData, explicit_eval_ids, is_streamed, load_local
-from .losses import RecoveryLoss
+from .losses import RecoveryLoss, teacher_dtype
 from .preflight import check_before_work, check_output_dir, micro_batch_size
 from .recipe import Recipe, RecipeError, validate
 
@@ -211,7 +211,8 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
 
     run = Run(
         recipe=recipe, recipe_name=recipe_name, accelerator=accelerator, model=model, plain=plain,
-        tokenizer=tokenizer, loss=RecoveryLoss(recipe.distill, plain, teacher, blueprint.hidden_layers),
+        tokenizer=tokenizer, loss=RecoveryLoss(recipe.distill, plain, teacher, blueprint.hidden_layers,
+                                               teacher_dtype(accelerator.device, getattr(recipe.distill, "teacher_dtype", "auto"))),
         data=data, eval_ids=eval_ids, eval_region=eval_region, optimizer=optimizer, scheduler=scheduler,
         state=TrainerState(reference=reference, recipe=recipe.to_yaml()), total_steps=steps,
         micro_batch_size=micro, parameters=parameters,
