@@ -49,6 +49,10 @@ def uptrain_cmd(recipe, overrides, resume, dry_run, verbose):
                    f"{counts['frozen']:,} frozen, {counts['new']:,} new (not in the source)")
         click.echo(f"budget: {facts['steps']:,} steps x {facts['tokens_per_step']:,} tokens = "
                    f"{facts['token_budget']:,} tokens")
+        if parsed.data.mixture:
+            total = sum(c.weight for c in parsed.data.components)
+            click.echo("mixture: " + ", ".join(f"{c.name} {c.weight / total:.0%}" for c in parsed.data.components))
+        click.echo(f"held-out sets: {', '.join(parsed.eval_set_names)} (primary: {parsed.primary_eval_set})")
         return
     out = uptrain(parsed, resume=resume, recipe_name=Path(recipe).name)
     if os.environ.get("RANK", "0") == "0":

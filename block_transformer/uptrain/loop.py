@@ -40,7 +40,7 @@ from ..measure.perplexity import score
 from ..modeling import BlockTransformerForCausalLM
 from . import checkpoint
 from .build import apply_lora, count_parameters, exportable_model, load_model, load_teacher, lr_lambdas, parameter_groups
-from .data import Batch, LocalData, StreamingData, explicit_eval_ids, is_streamed, load_local
+from .data import Batch, HeldOut, LocalData, StreamingData, heldout_sets, is_streamed, load_local
 from .losses import RecoveryLoss, teacher_dtype
 from .preflight import check_before_work, check_output_dir, micro_batch_size
 from .recipe import Recipe, RecipeError, validate
@@ -67,7 +67,8 @@ class TrainerState:
     step: int = 0
     tokens: int = 0
     evals: list[dict] = field(default_factory=list)
-    reference: dict | None = None  # the source model scored on the held-out tokens: once per run
+    reference: dict | None = None  # the source model scored on the primary held-out set: once per run
+    references: dict | None = None  # the source model on every held-out set, by name: once per run
     data: dict | None = None  # the streamed data's position
     recipe: str = ""  # the recipe the run was started with; a resumed run warns when it differs
 
@@ -84,7 +85,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     loss: RecoveryLoss  # holds the frozen teacher when a distillation term needs it
     data: LocalData | StreamingData
-    eval_ids: torch.Tensor  # the held-out tokens every evaluation scores
+    eval_ids: torch.Tensor  # the primary held-out set's tokens (eval_ppl, the card's figure)
     eval_region: str  # where they come from, in words
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -93,6 +94,7 @@ class Run:
     micro_batch_size: int  # sequences per process per forward
     parameters: dict[str, int]
     checkpointed_step: int | None = None  # the step of the last checkpoint this run saved or resumed from
+    eval_sets: list[HeldOut] = field(default_factory=list)  # every held-out set, scored at each evaluation
 
     @property
     def metrics_path(self) -> Path:
@@ -192,12 +194,15 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
 
     plain, tokenizer = load_model(recipe, blueprint)
     block_len = plain.config.block_len
-    data, eval_ids, eval_region = _load_data(recipe, tokenizer, blueprint.separator_id, block_len)
+    data, eval_sets = _load_data(recipe, tokenizer, blueprint.separator_id, block_len)
+    primary = _primary(recipe, eval_sets)
+    eval_ids, eval_region = primary.ids, primary.region
     resume_path = blueprint.resume_path
-    # the source is scored once per run: a resumed run reuses the checkpoint's figure
-    reference = checkpoint.read_state(resume_path).get("reference") if resume_path else None
-    teacher, reference = _teacher_and_reference(recipe, blueprint.teacher, reference, eval_ids, block_len,
-                                                accelerator.device)
+    # the source is scored once per run: a resumed run reuses the checkpoint's figures
+    references = _saved_references(checkpoint.read_state(resume_path), primary.name) if resume_path else {}
+    teacher, references = _teacher_and_reference(recipe, blueprint.teacher, references, eval_sets, block_len,
+                                                 accelerator.device)
+    reference = references.get(primary.name)
 
     model = _trainable(plain, recipe)
     parameters = count_parameters(model)
@@ -214,9 +219,10 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
         tokenizer=tokenizer, loss=RecoveryLoss(recipe.distill, plain, teacher, blueprint.hidden_layers,
                                                teacher_dtype(accelerator.device, getattr(recipe.distill, "teacher_dtype", "auto"))),
         data=data, eval_ids=eval_ids, eval_region=eval_region, optimizer=optimizer, scheduler=scheduler,
-        state=TrainerState(reference=reference, recipe=recipe.to_yaml()), total_steps=steps,
+        state=TrainerState(reference=reference, references=references or None, recipe=recipe.to_yaml()), total_steps=steps,
         micro_batch_size=micro, parameters=parameters,
     )
+    run.eval_sets = eval_sets
     if resume_path is not None:
         _restore(run, resume_path)
     _open_metrics(run)
@@ -281,14 +287,20 @@ def log_step(run: Run, result: StepResult, tokens_per_s: float) -> dict:
 
 
 def evaluate(run: Run) -> dict:
-    """Held-out perplexity of the model now: kept in the state (so in checkpoints) and in the metrics."""
-    result = _score(run.model, run.eval_ids, run.recipe, run.plain.config.block_len, "held-out")
-    state = run.state
+    """Held-out perplexity of the model now on every held-out set: kept in the state (so in checkpoints)
+    and in the metrics. ``eval_*`` are the primary set's; ``sets`` has each set's loss and perplexity."""
+    state, block_len = run.state, run.plain.config.block_len
+    sets = run.eval_sets or [HeldOut(run.recipe.primary_eval_set or "held-out", run.eval_ids, run.eval_region)]
+    primary = _primary(run.recipe, sets).name
+    scores = {held.name: _score(run.model, held.ids, run.recipe, block_len, held.name) for held in sets}
+    result = scores[primary]
     record = {"step": state.step, "tokens": state.tokens, "eval_loss": result["loss"],
-              "eval_ppl": result["perplexity"], "eval_loss_by_block_position": result["loss_by_block_position"]}
+              "eval_ppl": result["perplexity"], "eval_loss_by_block_position": result["loss_by_block_position"],
+              "sets": {name: {"loss": r["loss"], "ppl": r["perplexity"]} for name, r in scores.items()}}
     state.evals.append(record)
     _log(run, record)
-    logger.info("step %d, %s tokens: held-out perplexity %.4g", state.step, f"{state.tokens:,}", result["perplexity"])
+    logger.info("step %d, %s tokens: held-out perplexity %s", state.step, f"{state.tokens:,}",
+                ", ".join(f"{name} {r['perplexity']:.4g}" for name, r in scores.items()))
     return record
 
 
@@ -348,12 +360,33 @@ def summary(run: Run, replicas_checked: int) -> dict:
         "step0_ppl": evals[0]["eval_ppl"] if evals and evals[0]["step"] == 0 else None,
         "final_ppl": evals[-1]["eval_ppl"] if evals else None,
         "source_ppl": (state.reference or {}).get("perplexity"),
+        "primary_eval_set": _primary(run.recipe, run.eval_sets).name if run.eval_sets else None,
+        "eval_sets": eval_sets_summary(run),
         "parameters": run.parameters,
         "num_processes": run.accelerator.num_processes,
         "replicas_checked": replicas_checked,
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment.describe(str(run.accelerator.device)),
     }
+
+
+def eval_sets_summary(run: Run) -> dict:
+    """Per held-out set: where it comes from, its size, the perplexity at step 0 and at the end, the source's,
+    and the ratios to the source's (the recovery figure)."""
+    evals, references = run.state.evals, run.state.references or {}
+    first = evals[0] if evals and evals[0]["step"] == 0 else None
+    out = {}
+    for held in run.eval_sets:
+        step0 = (first or {}).get("sets", {}).get(held.name, {}).get("ppl")
+        final = evals[-1].get("sets", {}).get(held.name, {}).get("ppl") if evals else None
+        source = (references.get(held.name) or {}).get("perplexity")
+        out[held.name] = {
+            "region": held.region, "tokens": int(held.ids.numel()), "step0_ppl": step0, "final_ppl": final,
+            "source_ppl": source,
+            "step0_ratio": step0 / source if step0 is not None and source else None,
+            "final_ratio": final / source if final is not None and source else None,
+        }
+    return out
 
 
 def mixed_precision(recipe: Recipe) -> str:
@@ -368,32 +401,47 @@ def mixed_precision(recipe: Recipe) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, separator_id: int, block_len: int) -> tuple[LocalData | StreamingData, torch.Tensor, str]:
-    """Training data, and the held-out tokens (at most ``eval.max_tokens``) with where they come from."""
+def _load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, separator_id: int,
+               block_len: int) -> tuple[LocalData | StreamingData, list[HeldOut]]:
+    """Training data, and every held-out set (each at most its ``max_tokens``) with where it comes from."""
     d = recipe.data
     if is_streamed(d):
         data: LocalData | StreamingData = StreamingData(d, tokenizer, separator_id, block_len, recipe.train.seed)
-        eval_ids, eval_region = explicit_eval_ids(d, tokenizer, separator_id, recipe.eval.max_tokens)
+        sets = heldout_sets(recipe, None, tokenizer, separator_id)
     else:
         data = load_local(d, tokenizer, separator_id, block_len, recipe.eval.max_tokens)
-        eval_ids, eval_region = data.eval_ids, data.eval_region
-    return data, eval_ids[: recipe.eval.max_tokens], eval_region
+        sets = heldout_sets(recipe, data, tokenizer, separator_id)
+    return data, sets
 
 
-def _teacher_and_reference(recipe: Recipe, source: Source | None, reference: dict | None, eval_ids: torch.Tensor, block_len: int,
-                           device: torch.device) -> tuple[nn.Module | None, dict | None]:
-    """The frozen source model when a distillation term needs it, and its held-out score (``reference``).
+def _primary(recipe: Recipe, sets: list[HeldOut]) -> HeldOut:
+    """The held-out set reported as ``eval_ppl``: ``eval.primary``, else the first."""
+    return next((h for h in sets if h.name == recipe.eval.primary), sets[0])
+
+
+def _saved_references(state: dict, primary: str) -> dict:
+    """The source's scores a checkpoint recorded, by set (a checkpoint from before named sets: its one figure)."""
+    if state.get("references"):
+        return dict(state["references"])
+    return {primary: state["reference"]} if state.get("reference") else {}
+
+
+def _teacher_and_reference(recipe: Recipe, source: Source | None, references: dict, eval_sets: list[HeldOut], block_len: int,
+                           device: torch.device) -> tuple[nn.Module | None, dict]:
+    """The frozen source model when a distillation term needs it, and its score on every held-out set
+    (``references``, by name; sets already scored are not scored again).
 
     The source is loaded to score it even when no term needs it, then dropped.
     """
     dist = recipe.distill
-    wants_reference = recipe.eval.source_reference and reference is None
-    if source is None or not (dist.needs_teacher or wants_reference):
-        return None, reference
+    missing = [h for h in eval_sets if h.name not in references] if recipe.eval.source_reference else []
+    if source is None or not (dist.needs_teacher or missing):
+        return None, references
     teacher = load_teacher(source).to(device)
-    if wants_reference:
-        reference = _score(teacher, eval_ids, recipe, block_len, f"source: {source.name}")
-    return (teacher if dist.needs_teacher else None), reference
+    references = dict(references)
+    for held in missing:
+        references[held.name] = _score(teacher, held.ids, recipe, block_len, f"source: {source.name} on {held.name}")
+    return (teacher if dist.needs_teacher else None), references
 
 
 def _trainable(model: BlockTransformerForCausalLM, recipe: Recipe) -> nn.Module:
@@ -472,7 +520,9 @@ def _log(run: Run, record: dict) -> None:
         with run.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
     if run.recipe.train.report_to:
-        run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        scalars.update({f"eval_ppl/{name}": r["ppl"] for name, r in record.get("sets", {}).items()})
+        run.accelerator.log(scalars, step=record["step"])
 
 
 def _check_replicas_agree(accelerator: Accelerator, model: nn.Module) -> int:

@@ -87,10 +87,13 @@ def plan(recipe: Recipe) -> dict:
 
 def _check_paths_and_services(recipe: Recipe, starts_fresh: bool) -> None:
     """Data paths, the checkpoint folder (for a fresh run: free), trackers, push credentials."""
-    DataSpec.parse(recipe.data.train, recipe.data.text_field)
+    for spec in recipe.data.train_specs:
+        DataSpec.parse(spec, recipe.data.text_field)
     if recipe.data.eval:
         DataSpec.parse(recipe.data.eval, recipe.data.text_field)
-    require_heldout_source(recipe.data)
+    for held in recipe.eval.sets:
+        DataSpec.parse(held.data, held.text_field or recipe.data.text_field)
+    require_heldout_source(recipe.data, len(recipe.eval.sets))
     if starts_fresh and checkpoint.checkpoints(recipe.checkpoint_dir):
         raise RecipeError(
             f"{recipe.checkpoint_dir} already holds checkpoints of a run: pass --resume to continue it, "
@@ -109,7 +112,7 @@ def _check_paths_and_services(recipe: Recipe, starts_fresh: bool) -> None:
 def check_output_dir(recipe: Recipe) -> None:
     """``output.dir`` may be written: free, or ``output.overwrite`` set. Resumed runs too, so that a
     finished run's model is not found in the way only after the training is redone."""
-    inputs = [p for p in (recipe.model.path, recipe.model.source, recipe.distill.teacher, recipe.data.train) if p]
+    inputs = [p for p in (recipe.model.path, recipe.model.source, recipe.distill.teacher, *recipe.data.train_specs) if p]
     check_output(Path(recipe.output.dir).expanduser(), recipe.output.overwrite, inputs=inputs,
                  elsewhere="Set another output folder with --set output.dir=<new folder>",
                  replace="replace it with --set output.overwrite=true")

@@ -17,6 +17,7 @@ import difflib
 import logging
 import math
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -48,6 +49,14 @@ _Loader.add_implicit_resolver(
 class _Section(BaseModel):
     # strict: no bool -> int (batch_size: true is not 1), no "8" -> 8; finite: lr: .inf is refused
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def _check_unique(names: list[str], where: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{where}: the name {name!r} is used twice; names must be unique")
+        seen.add(name)
 
 
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -84,8 +93,29 @@ class ModelSection(_Section):
         return self
 
 
+SetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+"""A training component's or an eval set's name: it keys the metrics, the summary and the plots."""
+
+HELDOUT_SET = "held-out"
+"""The name of the held-out set of a single training corpus (its tail, or ``data.eval``)."""
+
+MIXTURE_CHUNK = 256
+"""A mixture draws its components in chunks of this many sequences, each holding every component's
+share of the chunk (largest remainder), shuffled: see :mod:`block_transformer.uptrain.data`."""
+
+
+class TrainComponent(_Section):
+    """One part of a training mixture: a local data spec, its weight (share of the training sequences),
+    and its held-out tail, scored as an eval set under ``name``."""
+
+    name: SetName
+    path: str
+    weight: float = Field(1.0, gt=0)  # relative: weights are normalised over the components
+    heldout_tokens: int | None = Field(None, gt=0)  # this component's tail; default data.heldout_tokens/fraction
+
+
 class DataSection(_Section):
-    train: str
+    train: str | list[TrainComponent]  # a data spec, or a mixture: a list of {name, path, weight}
     text_field: str = "text"
     eval: str | None = None  # explicit held-out data; default: the tail of a local train corpus
     heldout_tokens: int | None = Field(None, gt=0)  # tail size when eval is not set (default 65,536)
@@ -103,6 +133,41 @@ class DataSection(_Section):
         if self.eval is not None and (self.heldout_tokens is not None or self.heldout_fraction is not None):
             raise ValueError("data.eval is an explicit held-out set: drop data.heldout_tokens/heldout_fraction")
         return self
+
+    @model_validator(mode="after")
+    def _mixture(self) -> DataSection:
+        if isinstance(self.train, str):
+            return self
+        if not self.train:
+            raise ValueError("data.train: list at least one component {name, path, weight}, or give one data spec")
+        _check_unique([c.name for c in self.train], "data.train")
+        if self.eval is not None:
+            raise ValueError("data.eval is for a single training corpus: with a mixture, each component's tail is "
+                             "held out; add other held-out data to eval.sets")
+        if self.streaming:
+            raise ValueError("data.streaming: a mixture is read whole (each component keeps a held-out tail); "
+                             "stream a single corpus instead")
+        total = sum(c.weight for c in self.train)
+        for c in self.train:
+            if c.weight / total < 1 / (2 * MIXTURE_CHUNK):
+                raise ValueError(f"data.train {c.name}: weight {c.weight:g} is {c.weight / total:.2e} of the total, "
+                                 f"less than one sequence in {MIXTURE_CHUNK}, so it would never be drawn: raise it")
+        return self
+
+    @property
+    def mixture(self) -> bool:
+        return not isinstance(self.train, str)
+
+    @property
+    def components(self) -> list[TrainComponent]:
+        """The training components; a single data spec is one component named ``held-out`` (its tail's name)."""
+        if isinstance(self.train, str):
+            return [TrainComponent(name=HELDOUT_SET, path=self.train)]
+        return list(self.train)
+
+    @property
+    def train_specs(self) -> list[str]:
+        return [c.path for c in self.components]
 
 
 class TrainSection(_Section):
@@ -164,12 +229,28 @@ class DistillSection(_Section):
         return self.kl_weight > 0 or self.hidden_weight > 0
 
 
+class EvalSet(_Section):
+    """A named held-out set scored beside the training data's own: its first ``max_tokens`` tokens."""
+
+    name: SetName
+    data: str  # a data spec (local or hub)
+    text_field: str | None = None  # default: data.text_field
+    max_tokens: int | None = Field(None, ge=2)  # default: eval.max_tokens
+
+
 class EvalSection(_Section):
     every: int = Field(0, ge=0)  # steps; 0 = only at the start and the end
-    max_tokens: int = Field(8192, ge=2)
+    max_tokens: int = Field(8192, ge=2)  # per set
     seq_len: int | None = Field(None, ge=2)  # default: data.seq_len
     batch_size: int = Field(4, ge=1)
-    source_reference: bool = True  # score the source model once on the same tokens
+    source_reference: bool = True  # score the source model once on the same tokens (every set)
+    sets: list[EvalSet] = []  # more held-out sets, scored beside the training tails (or data.eval)
+    primary: str | None = None  # the set reported as eval_ppl (card, summary's final_ppl); default: the first
+
+    @model_validator(mode="after")
+    def _unique_sets(self) -> EvalSection:
+        _check_unique([s.name for s in self.sets], "eval.sets")
+        return self
 
 
 class CheckpointSection(_Section):
@@ -197,6 +278,32 @@ class Recipe(_Section):
     output: OutputSection
 
     @model_validator(mode="after")
+    def _eval_set_names(self) -> Recipe:
+        names = self.eval_set_names
+        _check_unique(names, "held-out sets (training components' tails and eval.sets)")
+        if self.eval.primary is not None and self.eval.primary not in names:
+            raise ValueError(f"eval.primary {self.eval.primary!r} is not a held-out set: choose one of {', '.join(names)}")
+        return self
+
+    @property
+    def eval_set_names(self) -> list[str]:
+        """Every held-out set, in evaluation order: the training data's (each component's tail, or the
+        single corpus's tail / ``data.eval``), then ``eval.sets``. A streamed corpus without ``data.eval``
+        has none of its own."""
+        d = self.data
+        if d.mixture:
+            own = [c.name for c in d.components]
+        else:
+            streamed = d.streaming if d.streaming is not None else _looks_like_hub(d.train)
+            own = [] if streamed and d.eval is None else [HELDOUT_SET]
+        return own + [s.name for s in self.eval.sets]
+
+    @property
+    def primary_eval_set(self) -> str | None:
+        names = self.eval_set_names
+        return self.eval.primary or (names[0] if names else None)
+
+    @model_validator(mode="after")
     def _warmup_within_the_run(self) -> Recipe:
         warmup = self.train.warmup_steps
         if warmup is not None and warmup > self.total_steps:
@@ -218,6 +325,12 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _looks_like_hub(spec: str) -> bool:
+    from ..data_spec import _is_local
+
+    return not _is_local(spec)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -257,7 +370,8 @@ def validate(raw: dict, where: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(f"{where}: " + "; ".join(_explain(e) for e in err.errors())) from None
+        errors = _matching_branch(err.errors(), raw)
+        raise RecipeError(f"{where}: " + "; ".join(dict.fromkeys(_explain(e) for e in errors))) from None
 
 
 def warn_long_intervals(recipe: Recipe) -> None:
@@ -272,8 +386,29 @@ def warn_long_intervals(recipe: Recipe) -> None:
                        "written. Lower checkpoint.every, or set it to 0 to say so.", recipe.checkpoint.every, steps)
 
 
+def _is_branch(part: Any) -> bool:
+    """A union member's tag in an error location (``str``, ``list[TrainComponent]``), not a key."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def _matching_branch(errors: list[dict], raw: Any) -> list[dict]:
+    """Of a union's errors, those of the member matching the value's kind (a list is not "not a string")."""
+    kept = []
+    for error in errors:
+        loc = list(error["loc"])
+        branch = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+        if branch is not None:
+            value = raw
+            for part in loc[:branch]:
+                value = value.get(part) if isinstance(value, dict) else None
+            if (loc[branch] == "str") == isinstance(value, list):  # neither: the string's error says it
+                continue
+        kept.append(error)
+    return kept or errors
+
+
 def _explain(error: dict) -> str:
-    loc = [str(p) for p in error["loc"]]
+    loc = [str(p) for p in error["loc"] if not _is_branch(p)]
     key = ".".join(loc) or "recipe"
     if error["type"] == "extra_forbidden":
         valid = _fields_at(loc[:-1])
@@ -289,8 +424,21 @@ def _explain(error: dict) -> str:
 def _fields_at(loc: list[str]) -> list[str]:
     model: Any = Recipe
     for part in loc:
+        if part.isdigit():  # an index into a list of sections
+            continue
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        model = _section_in(field.annotation) if field is not None else None
+        if model is None:
             return []
-        model = field.annotation
     return list(model.model_fields)
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds, itself or inside a list or a union (``str | list[TrainComponent]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_in(arg)
+        if found is not None:
+            return found
+    return None

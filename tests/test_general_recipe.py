@@ -1,0 +1,384 @@
+"""The general uptraining recipe (issue 11, item 1): general English corpora from Debian packages (text
+extraction tested on inline samples: nothing is downloaded), training mixtures with weights, several named
+held-out sets, and the figures every set gets in the metrics and the summary."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from block_transformer import demo
+from block_transformer.cli import fetch_demo_cmd
+from block_transformer.uptrain import checkpoint, load_recipe, loop
+from block_transformer.uptrain.command import uptrain_cmd
+from block_transformer.uptrain.data import load_local, mixture_draw, mixture_quotas
+from block_transformer.uptrain.recipe import MIXTURE_CHUNK, RecipeError
+from conftest import TINY_RECIPE, assert_one_line_error, learnable_corpus, tiny_recipe, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text extraction (inline samples)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_fortunes_are_split_at_percent_lines_and_grouped():
+    text = "A banker lends you his umbrella.\n\t\t-- Mark Twain\n%\nA horse!  A horse!\n%\n\n%\nLast one.\n"
+    assert demo.split_fortunes(text) == ["A banker lends you his umbrella.\n\t\t-- Mark Twain", "A horse!  A horse!",
+                                         "Last one."]
+    assert demo.group_texts(["aaaa", "bbbb", "cc", "d" * 20], max_chars=10) == ["aaaa\n\nbbbb", "cc", "d" * 20]
+    assert demo.group_texts([], 10) == []
+
+
+def test_fortune_documents_skip_index_files_links_and_ascii_art(tmp_path):
+    folder = tmp_path / "usr/share/games/fortunes"
+    folder.mkdir(parents=True)
+    (folder / "love").write_text("one\n%\ntwo\n")
+    (folder / "love.dat").write_bytes(b"\x00\x02binary")
+    (folder / "love.u8").symlink_to("love")
+    (folder / "ascii-art").write_text("  /\\_/\\\n%\n")
+    (folder / "zen").write_text("x" * (demo.DOCUMENT_CHARS - 5) + "\n%\nsecond\n")
+    docs = dict(demo.fortune_documents(tmp_path))
+    assert docs == {"000-love": "one\n\ntwo", "000-zen": "x" * (demo.DOCUMENT_CHARS - 5), "001-zen": "second"}
+    # section number first: sorted names interleave the files, so a folder's first and last tokens span many
+    assert sorted(docs) == ["000-love", "000-zen", "001-zen"]
+
+
+MANUAL = """\
+GNU Coding Standards
+1 About
+2 Keeping Free Software Free
+
+GNU Coding Standards
+********************
+
+Version line.
+
+1 About the GNU Coding Standards
+********************************
+
+The GNU Coding Standards were written by Richard Stallman.
+
+1.1 Trademarks
+==============
+
+Please do not include any trademark acknowledgments.
+--------
+Appendix A GNU Free Documentation License
+*****************************************
+
+Licence text.
+
+Index
+*****
+
+* Menu:
+"""
+
+
+def test_text_manual_sections_drop_the_contents_the_licence_and_the_index():
+    sections = demo.split_text_manual(MANUAL)
+    assert sections == [
+        "GNU Coding Standards\n\nVersion line.",
+        "1 About the GNU Coding Standards\n\nThe GNU Coding Standards were written by Richard Stallman.",
+        "1.1 Trademarks\n\nPlease do not include any trademark acknowledgments.\n--------",
+    ]
+
+
+HTML = """<?xml version="1.0"?><html><head><title>Chapter 3</title><style>p {}</style></head><body>
+<div class="navheader"><table><tr><th>Chapter 3. Nav</th></tr></table><div>inner</div><hr/></div>
+<div class="chapter"><h1 class="title"><a id="x"/>Chapter 3. The system</h1>
+<div class="toc"><p><strong>Table of Contents</strong></p><dl><dt>3.1. Overview</dt></dl></div>
+<p>It is wise   for you
+to know &amp; understand.</p>
+<h2 class="title">3.1. Overview</h2><p>The boot loader.</p>
+<table><tr><th>package</th><th>size</th></tr><tr><td>grub-pc</td><td>534</td></tr></table>
+<pre class="screen">$ ls -l
+  two  spaces</pre>
+</div><div class="navfooter"><p>Prev</p></div></body></html>"""
+
+
+def test_html_is_text_per_section_without_navigation_or_contents():
+    sections = demo.html_sections(HTML)
+    assert sections == [
+        "Chapter 3. The system\n\nIt is wise for you to know & understand.",
+        "3.1. Overview\n\nThe boot loader.\n\npackage\tsize\ngrub-pc\t534\n\n$ ls -l\ntwo  spaces",
+    ]
+
+
+WORDNET = [
+    "  1 This software and database is being provided to you, the LICENSEE, by  ",
+    "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 023 @ 02083346 n 0000 | a member of the genus Canis; "
+    '"the dog barked all night"  ',
+    "00021110 00 s 02 complaisant 0 obliging(a) 0 003 & 00020787 a 0000 | showing a cheerful willingness  ",
+    "garbage without a gloss",
+]
+
+
+def test_wordnet_glosses_name_words_part_of_speech_and_lexicographer_file():
+    parsed = [demo.wordnet_gloss(line) for line in WORDNET]
+    assert parsed[0] is None and parsed[3] is None
+    assert parsed[1] == ("noun.animal", 'dog, domestic dog, Canis familiaris (noun): a member of the genus Canis; '
+                                        '"the dog barked all night"')
+    assert parsed[2] == ("adj.all", "complaisant, obliging (adjective): showing a cheerful willingness")
+
+
+def test_wordnet_documents_keep_synsets_with_an_example(tmp_path):
+    folder = tmp_path / "usr/share/wordnet"
+    folder.mkdir(parents=True)
+    (folder / "data.noun").write_text("\n".join(WORDNET[:2]) + "\n")
+    (folder / "data.adj").write_text(WORDNET[2] + "\n")  # no example sentence: left out
+    for pos in ("verb", "adv"):
+        (folder / f"data.{pos}").write_text(WORDNET[0] + "\n")
+    assert dict(demo.wordnet_documents(tmp_path)) == {"000-noun.animal": demo.wordnet_gloss(WORDNET[1])[1]}
+
+
+def test_a_package_that_yields_nothing_is_an_error(tmp_path):
+    with pytest.raises(demo.BlockTransformerError, match="no documents"):
+        demo.write_documents(tmp_path, iter(()))
+
+
+def test_fetch_demo_general_prints_paths_sizes_and_licences_from_the_cache(tmp_path, monkeypatch):
+    """Cached corpora are used as they are (nothing is downloaded); each line names path, size and licence."""
+    monkeypatch.setenv("BLOCK_TRANSFORMER_CACHE", str(tmp_path))
+    for name in demo.GENERAL_CORPORA:
+        demo.write_documents(_mkdir(demo.general_path(name)),
+                             [("000-a", "x" * 400), ("001-a", "y" * 400)])
+    monkeypatch.setattr(demo, "fetch_smollm2", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(demo, "fetch_pydocs", lambda: tmp_path / "python-docs")
+    monkeypatch.setattr(demo, "_extract_debs", lambda *a: pytest.fail("a cached corpus was downloaded again"))
+    result = CliRunner().invoke(fetch_demo_cmd, ["--general"])
+    assert result.exit_code == 0, result.output
+    for name, corpus in demo.GENERAL_CORPORA.items():
+        line = next(line for line in result.output.splitlines() if line.startswith(f"{name}:"))
+        assert str(tmp_path / "general" / name) in line and "2 documents" in line and corpus.licence in line
+    plain = CliRunner().invoke(fetch_demo_cmd, [])
+    assert plain.exit_code == 0 and "licence" not in plain.output
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipe format
+# ----------------------------------------------------------------------------------------------------
+
+
+def mixture_recipe(tmp_path: Path, weights=(3, 1), **overrides):
+    """The tiny recipe on a mixture of two corpora (lowercase / uppercase walks) plus one extra eval set."""
+    lower = learnable_corpus(tmp_path / "lower", docs=16, length=200, seed=0)
+    upper = tmp_path / "upper"
+    if not upper.exists():
+        learnable_corpus(upper, docs=16, length=200, seed=1)
+        for path in upper.iterdir():
+            path.write_text(path.read_text().upper())
+    dev = tmp_path / "dev"
+    if not dev.exists():
+        dev.mkdir()
+        (dev / "d.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    train = (f"[{{name: lower, path: {lower}, weight: {weights[0]}}}, "
+             f"{{name: upper, path: {upper}, weight: {weights[1]}, heldout_tokens: 256}}]")
+    sets = {"data.train": train, "eval.sets": f"[{{name: dev, data: {dev}}}]", **overrides}
+    return tiny_recipe(tmp_path, **sets)
+
+
+def test_single_corpus_recipes_keep_one_held_out_set(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    assert recipe.eval_set_names == ["held-out"] and recipe.primary_eval_set == "held-out"
+    assert not recipe.data.mixture and recipe.data.train_specs == [str(tmp_path / "corpus")]
+
+
+def test_mixture_recipe_names_each_tail_and_eval_set(tmp_path):
+    recipe = mixture_recipe(tmp_path)
+    assert recipe.data.mixture and [c.name for c in recipe.data.components] == ["lower", "upper"]
+    assert recipe.eval_set_names == ["lower", "upper", "dev"] and recipe.primary_eval_set == "lower"
+    assert mixture_recipe(tmp_path, **{"eval.primary": "dev"}).primary_eval_set == "dev"
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"data.train": "[{name: a, path: x, wieght: 2}]"}, "unknown key data.train.0.wieght (did you mean data.train.0.weight?)"),
+    ({"data.train": "[{name: a, path: x, weight: 0}]"}, "data.train.0.weight: Input should be greater than 0"),
+    ({"data.train": "[{name: a, path: x, weight: -1}]"}, "data.train.0.weight"),
+    ({"data.train": "[{name: a, path: x, weight: .inf}]"}, "data.train.0.weight"),
+    ({"data.train": "[{name: a, path: x}, {name: a, path: y}]"}, "the name 'a' is used twice"),
+    ({"data.train": "[{name: a, path: x}]", "eval.sets": "[{name: a, data: y}]"}, "the name 'a' is used twice"),
+    ({"eval.sets": "[{name: d, data: y}, {name: d, data: z}]"}, "eval.sets: the name 'd' is used twice"),
+    ({"eval.sets": "[{name: d, dta: y}]"}, "unknown key eval.sets.0.dta (did you mean eval.sets.0.data?)"),
+    ({"data.train": "[{name: 'a b', path: x}]"}, "data.train.0.name"),
+    ({"data.train": "[]"}, "list at least one component"),
+    ({"data.train": "[{path: x}]"}, "missing required key data.train.0.name"),
+    ({"data.train": "[{name: a, path: x, weight: 1000}, {name: b, path: y}]"}, "would never be drawn"),
+    ({"data.train": "[{name: a, path: x}]", "data.eval": "y", "data.heldout_tokens": "null"}, "data.eval is for a single"),
+    ({"data.train": "[{name: a, path: x}]", "data.streaming": "true"}, "a mixture is read whole"),
+    ({"eval.primary": "nothing"}, "eval.primary 'nothing' is not a held-out set"),
+    ({"data.train": "3"}, "data.train: Input should be a valid string"),
+])
+def test_bad_mixtures_and_eval_sets_are_one_line_naming_the_key(tmp_path, overrides, fragment):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(TINY_RECIPE, [f"{k}={v}" for k, v in overrides.items()])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    result = CliRunner().invoke(uptrain_cmd, [str(TINY_RECIPE), *(f"--set={k}={v}" for k, v in overrides.items()),
+                                              "--dry-run"])
+    assert_one_line_error(result, fragment)
+
+
+def test_a_missing_component_or_eval_set_file_fails_before_any_model_work(tmp_path):
+    recipe = mixture_recipe(tmp_path)
+    for key, value in [("data.train", f"[{{name: a, path: {tmp_path / 'corpus'}}}, {{name: b, path: {tmp_path / 'nope'}}}]"),
+                       ("eval.sets", f"[{{name: d, data: {tmp_path / 'nope'}}}]")]:
+        result = CliRunner().invoke(uptrain_cmd, [str(TINY_RECIPE), f"--set=model.source={recipe.model.source}",
+                                                  f"--set=data.train={tmp_path / 'corpus'}", f"--set={key}={value}",
+                                                  f"--set=output.dir={tmp_path / 'out'}", "--dry-run"])
+        assert_one_line_error(result, "nope")
+
+
+def test_the_general_recipe_validates():
+    recipe = load_recipe(REPO / "recipes" / "smollm2-general.yaml")
+    assert [c.name for c in recipe.data.components] == ["python-docs", "gnu-standards", "debian-reference", "wordnet"]
+    assert "fortunes" in recipe.eval_set_names and "fortunes" not in [c.name for c in recipe.data.components]
+    assert recipe.primary_eval_set == "fortunes" and recipe.model.split == "15/15" and recipe.model.block_len == 4
+    assert recipe.total_steps * recipe.train.batch_size * recipe.data.seq_len >= 300_000
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixture sampling
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_mixture_quotas_follow_the_weights_and_fill_the_chunk():
+    assert mixture_quotas((3.0, 1.0)) == [192, 64]
+    quotas = mixture_quotas((0.25, 0.15, 0.25, 0.35))
+    assert sum(quotas) == MIXTURE_CHUNK and quotas == [64, 38, 64, 90]
+    assert mixture_quotas((1.0, 1.0, 1.0)) in ([86, 85, 85],)
+    assert min(mixture_quotas((500.0, 1.0))) == 1  # a small share is drawn at least once per chunk
+
+
+def test_mixture_draws_follow_the_weights_and_the_seed():
+    weights = (0.5, 0.3, 0.2)
+    draws = [mixture_draw(weights, i, seed=0) for i in range(4 * MIXTURE_CHUNK)]
+    counts = Counter(k for k, _ in draws)
+    assert [counts[k] for k in range(3)] == [4 * q for q in mixture_quotas(weights)]
+    for k in range(3):  # each component's draws are numbered 0, 1, 2, ... in stream order
+        assert [j for c, j in draws if c == k] == list(range(counts[k]))
+    assert draws == [mixture_draw(weights, i, seed=0) for i in range(4 * MIXTURE_CHUNK)]
+    assert draws != [mixture_draw(weights, i, seed=1) for i in range(4 * MIXTURE_CHUNK)]
+    first = [k for k, _ in draws[:MIXTURE_CHUNK]]
+    assert first != sorted(first)  # shuffled within the chunk, not one component after the other
+
+
+def test_mixture_batches_respect_weights_tails_and_seed(tmp_path):
+    recipe = mixture_recipe(tmp_path)
+    data = load_local(recipe.data, tiny_tokenizer(), 0, 4, 256)
+    assert [c.name for c in data.components] == ["lower", "upper"] and [h.name for h in data.heldout] == ["lower", "upper"]
+    assert data.heldout[0].ids.numel() == 512 and data.heldout[1].ids.numel() == 256  # data.heldout_tokens; its own
+    steps = 2 * MIXTURE_CHUNK // 4
+    batches = [data.batch_for_step(s, 4, seed=0) for s in range(steps)]
+    rows = torch.cat([b.input_ids for b in batches])
+    upper = (rows >= 1 + ord("A") - 32) & (rows <= 1 + ord("Z") - 32)
+    per_row_upper = upper.any(dim=1)
+    assert int(per_row_upper[:MIXTURE_CHUNK].sum()) == MIXTURE_CHUNK // 4  # weight 1 of 4, exactly, per chunk
+    assert int(per_row_upper.sum()) == 2 * MIXTURE_CHUNK // 4
+    assert not (upper.any(dim=1) & ((rows >= 1 + ord("a") - 32) & (rows <= 1 + ord("z") - 32)).any(dim=1)).any()
+    again = data.batch_for_step(3, 4, seed=0)
+    assert torch.equal(again.input_ids, batches[3].input_ids)
+    assert not torch.equal(torch.cat([data.batch_for_step(s, 4, seed=1).input_ids for s in range(4)]), rows[:16])
+    # a component's sequences are each read once per pass over it
+    upper_comp = data.components[1]
+    seen = [tuple(r) for r in rows[per_row_upper].tolist()]
+    own = data.sequences.input_ids[upper_comp.first: upper_comp.first + upper_comp.count]
+    assert len(seen) >= upper_comp.count
+    assert sorted(seen[: upper_comp.count]) == sorted(map(tuple, own.tolist()))
+    # each tail is the end of its own component, cut off before packing (so never trained on)
+    from block_transformer.data_spec import DataSpec
+    from block_transformer.measure.perplexity import tokenize_corpus
+
+    for held, comp, spec in zip(data.heldout, data.components, recipe.data.train_specs):
+        ids = tokenize_corpus(tiny_tokenizer(), dict(DataSpec.parse(spec).documents()), 0).ids
+        assert comp.train_tokens + held.ids.numel() == ids.numel() and torch.equal(held.ids, ids[comp.train_tokens:])
+        assert comp.count == comp.train_tokens // 32  # packed from the part before the tail only
+
+
+# ----------------------------------------------------------------------------------------------------
+# Runs: every set in the metrics and the summary; resume with a mixture
+# ----------------------------------------------------------------------------------------------------
+
+
+def metrics(recipe) -> list[dict]:
+    return [json.loads(line) for line in (recipe.checkpoint_dir / loop.METRICS_FILE).read_text().splitlines()]
+
+
+def test_every_held_out_set_is_scored_logged_and_summarised(tmp_path):
+    recipe = mixture_recipe(tmp_path, **{"train.max_steps": 6, "eval.every": 3, "checkpoint.every": 0,
+                                         "eval.primary": "dev"})
+    out = loop.uptrain(recipe)
+    evals = [r for r in metrics(recipe) if "sets" in r]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    for record in evals:
+        assert list(record["sets"]) == ["lower", "upper", "dev"]
+        assert record["eval_ppl"] == record["sets"]["dev"]["ppl"]  # the primary set's, as before
+    summary = json.loads((out / loop.SUMMARY_FILE).read_text())
+    assert summary["primary_eval_set"] == "dev" and list(summary["eval_sets"]) == ["lower", "upper", "dev"]
+    for name, figures in summary["eval_sets"].items():
+        assert figures["step0_ppl"] == evals[0]["sets"][name]["ppl"] and figures["final_ppl"] == evals[-1]["sets"][name]["ppl"]
+        assert figures["source_ppl"] > 0 and figures["step0_ratio"] == pytest.approx(figures["step0_ppl"] / figures["source_ppl"])
+        assert figures["final_ratio"] == pytest.approx(figures["final_ppl"] / figures["source_ppl"])
+    assert summary["eval_sets"]["upper"]["tokens"] == 256 and summary["eval_sets"]["dev"]["tokens"] == 256
+    assert summary["final_ppl"] == summary["eval_sets"]["dev"]["final_ppl"]
+    assert summary["source_ppl"] == summary["eval_sets"]["dev"]["source_ppl"]
+
+
+@pytest.mark.slow
+def test_a_resumed_mixture_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    base = {"train.max_steps": 8, "checkpoint.every": 4, "eval.every": 4}
+    reference = loop.uptrain(mixture_recipe(tmp_path / "a", **base))
+
+    interrupted = mixture_recipe(tmp_path / "b", **base)
+    real_save = checkpoint.save
+
+    def save_then_crash(accelerator, root, step, state, keep_last):
+        path = real_save(accelerator, root, step, state, keep_last)
+        if step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        loop.uptrain(interrupted)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    scored = []
+    real_reference = loop._teacher_and_reference
+
+    def spy(recipe, source, references, eval_sets, *args):
+        scored.append(sorted(set(h.name for h in eval_sets) - set(references)))
+        return real_reference(recipe, source, references, eval_sets, *args)
+
+    monkeypatch.setattr(loop, "_teacher_and_reference", spy)
+    resumed = loop.uptrain(interrupted, resume="")
+    assert scored == [[]]  # the source's figures on every set come from the checkpoint
+
+    from safetensors.torch import load_file
+
+    a, b = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records_a = metrics(mixture_recipe(tmp_path / "a", **base))
+    records_b = metrics(interrupted)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
+    assert strip(records_a) == strip(records_b)
+    figures = lambda out: {name: {k: v for k, v in f.items() if k != "region"}  # noqa: E731 (regions name the folder)
+                           for name, f in json.loads((out / loop.SUMMARY_FILE).read_text())["eval_sets"].items()}
+    assert figures(reference) == figures(resumed) and list(figures(reference)) == ["lower", "upper", "dev"]
+
+
+def test_a_checkpoint_from_before_named_sets_keeps_its_source_figure():
+    assert loop._saved_references({"reference": {"perplexity": 5.0}}, "held-out") == {"held-out": {"perplexity": 5.0}}
+    assert loop._saved_references({"reference": None}, "held-out") == {}
+    both = {"reference": {"perplexity": 5.0}, "references": {"a": {"perplexity": 5.0}, "b": {"perplexity": 7.0}}}
+    assert loop._saved_references(both, "a") == both["references"]
