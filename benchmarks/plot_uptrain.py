@@ -4,8 +4,14 @@ Each run is NAME=PATH where PATH is an exported folder (uptraining_metrics.jsonl
 (metrics.jsonl). The source model's perplexity on the same held-out tokens (scored once per run) is
 drawn as a horizontal line.
 
+Runs with several named held-out sets (a mixture's tails, ``eval.sets``) have one curve per set (``--sets``
+picks some), each with the source's perplexity on that set as a dashed line of the same colour;
+``--ratio`` plots perplexity / the source's instead, so sets of different difficulty share one axis.
+
     python benchmarks/plot_uptrain.py "CE + KL + hidden=runs/kd-align-300k" "CE=runs/ce-100k" \
         --out benchmarks/results/uptrain_smollm2_pydocs
+    python benchmarks/plot_uptrain.py "general=smollm2-bt-general" --sets python-docs fortunes --ratio \
+        --no-prototype --title "general recipe" --out benchmarks/results/uptrain_smollm2_general
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ def read_run(path: Path) -> dict:
         "eval_ppl": [e["eval_ppl"] for e in evals],
         "eval_loss_by_block_position": [e["eval_loss_by_block_position"] for e in evals],
         "train_tokens_per_s": [r["tokens_per_s"] for r in train],
+        # named held-out sets (runs since issue 11): perplexity per evaluation, and the source's on each
+        "sets": {name: [e.get("sets", {}).get(name, {}).get("ppl") for e in evals]
+                 for name in dict.fromkeys(n for e in evals for n in e.get("sets", {}))},
+        "source_ppl_by_set": {name: figures.get("source_ppl")
+                              for name, figures in ((summary or {}).get("eval_sets") or {}).items()},
     }
 
 
@@ -41,6 +52,10 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="NAME=PATH")
     parser.add_argument("--source-ppl", type=float, default=None, help="The source model's held-out perplexity.")
     parser.add_argument("--out", type=Path, required=True, help="Output path without suffix (.json and .png).")
+    parser.add_argument("--sets", nargs="+", default=None, help="Named held-out sets to draw [default: all a run has].")
+    parser.add_argument("--ratio", action="store_true", help="Plot perplexity / the source's on the same set.")
+    parser.add_argument("--no-prototype", action="store_true", help="Leave out the quoted Python-docs prototype curve.")
+    parser.add_argument("--title", default="SmolLM2-135M -> Block Transformer (L_B 4, 15/15), Python-docs tail")
     args = parser.parse_args()
 
     runs = {}
@@ -60,21 +75,38 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, run in runs.items():
-        ax.plot([t / 1000 for t in run["tokens"]], run["eval_ppl"], marker="o", ms=3, label=name)
-    ax.plot([t / 1000 for t in PROTOTYPE["tokens"]], PROTOTYPE["eval_ppl"], ls=":", color="grey",
-            label="prototype: naive init, CE (quoted)")
-    if source_ppl:
+        if not run["sets"]:
+            ax.plot([t / 1000 for t in run["tokens"]], run["eval_ppl"], marker="o", ms=3, label=name)
+            continue
+        for set_name in args.sets or list(run["sets"]):
+            ppl, source = run["sets"].get(set_name), run["source_ppl_by_set"].get(set_name)
+            if ppl is None:
+                continue
+            points = [(t / 1000, p / source if args.ratio and source else p) for t, p in zip(run["tokens"], ppl) if p]
+            line, = ax.plot(*zip(*points), marker="o", ms=3, label=f"{name}: {set_name}")
+            if source and not args.ratio:
+                ax.axhline(source, color=line.get_color(), ls="--", lw=1, label=f"source on {set_name} ({source:.1f})")
+    if not args.no_prototype:
+        ax.plot([t / 1000 for t in PROTOTYPE["tokens"]], PROTOTYPE["eval_ppl"], ls=":", color="grey",
+                label="prototype: naive init, CE (quoted)")
+    if args.ratio:
+        ax.axhline(1.0, color="black", ls="--", lw=1, label="the source model")
+    elif source_ppl and not any(run["sets"] for run in runs.values()):
         ax.axhline(source_ppl, color="black", ls="--", lw=1, label=f"source model ({source_ppl:.1f})")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens (thousands)")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M -> Block Transformer (L_B 4, 15/15), Python-docs tail")
+    ax.set_ylabel("perplexity / the source's (log)" if args.ratio else "held-out perplexity (log)")
+    ax.set_title(args.title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out.with_suffix(".png"), dpi=120)
     for name, run in runs.items():
         print(f"{name}: " + ", ".join(f"{t/1000:.0f}k: {p:.4g}" for t, p in zip(run["tokens"], run["eval_ppl"])))
+        for set_name, ppl in run["sets"].items():
+            source = run["source_ppl_by_set"].get(set_name)
+            print(f"  {set_name}" + (f" (source {source:.4g})" if source else "") + ": "
+                  + ", ".join(f"{t/1000:.0f}k: {p:.4g}" for t, p in zip(run["tokens"], ppl) if p is not None))
 
 
 if __name__ == "__main__":

@@ -382,3 +382,25 @@ def test_a_checkpoint_from_before_named_sets_keeps_its_source_figure():
     assert loop._saved_references({"reference": None}, "held-out") == {}
     both = {"reference": {"perplexity": 5.0}, "references": {"a": {"perplexity": 5.0}, "b": {"perplexity": 7.0}}}
     assert loop._saved_references(both, "a") == both["references"]
+
+
+def test_the_plot_script_reads_every_set_and_the_source_on_each(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_uptrain", REPO / "benchmarks" / "plot_uptrain.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    records = [{"step": 0, "tokens": 0, "eval_ppl": 9.0, "eval_loss_by_block_position": [],
+                "sets": {"a": {"ppl": 9.0}, "dev": {"ppl": 90.0}}},
+               {"step": 1, "tokens": 128, "loss": 2.0, "tokens_per_s": 5.0},
+               {"step": 1, "tokens": 128, "eval_ppl": 3.0, "eval_loss_by_block_position": [],
+                "sets": {"a": {"ppl": 3.0}, "dev": {"ppl": 30.0}}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / loop.SUMMARY_FILE).write_text(json.dumps(
+        {"source_ppl": 2.0, "eval_sets": {"a": {"source_ppl": 2.0}, "dev": {"source_ppl": 10.0}}}))
+    run = plot.read_run(tmp_path)
+    assert run["sets"] == {"a": [9.0, 3.0], "dev": [90.0, 30.0]} and run["source_ppl_by_set"] == {"a": 2.0, "dev": 10.0}
+    assert run["tokens"] == [0, 128] and run["eval_ppl"] == [9.0, 3.0]
+    (tmp_path / "old").mkdir()  # a run from before named sets: no sets, the single curve as before
+    (tmp_path / "old" / "metrics.jsonl").write_text(json.dumps({k: v for k, v in records[0].items() if k != "sets"}) + "\n")
+    assert plot.read_run(tmp_path / "old")["sets"] == {}
