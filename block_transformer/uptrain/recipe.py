@@ -5,7 +5,9 @@ that names the key and the closest valid one instead of a silently ignored setti
 and numbers finite (``batch_size: true`` is not 1, ``lr: .inf`` is not a learning rate), so a value
 that would fail or misbehave steps into the run is refused here. Values that cannot work together
 (two budgets, a held-out size beside an explicit eval set, a warmup longer than the run) are errors
-too; an eval or checkpoint interval longer than the run is a warning. What depends on the model
+too; an eval or checkpoint interval longer than the run is a warning. ``data.train`` is one data spec
+or a mixture (a list of ``{name, path, weight}``, each component holding out its own tail);
+``eval.sets`` adds named held-out sets; names are unique over both (they key metrics and summary). What depends on the model
 (``data.seq_len`` against its block length, the split, the separator) is checked by
 :mod:`block_transformer.uptrain.preflight`. ``--set train.lr=1e-4`` overrides any field from the
 command line, parsed as YAML.
