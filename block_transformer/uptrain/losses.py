@@ -244,8 +244,11 @@ class _ChunkedKL(torch.autograd.Function):
         temperature = ctx.temperature
         vocab = student.shape[-1]
         s_flat, t_flat = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
-        out = student.new_zeros(student.shape)
+        out = student.new_empty(student.shape)
         out_flat = out.view(-1, vocab)
+        unscored = torch.ones(out_flat.shape[0], dtype=torch.bool, device=out.device)
+        unscored[rows] = False
+        out_flat[unscored] = 0  # every other row is written below: no zero-fill of the whole tensor
         scale = grad.float() * temperature
         for start in range(0, rows.numel(), KL_CHUNK_ROWS):
             index = rows[start : start + KL_CHUNK_ROWS]
