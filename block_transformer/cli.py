@@ -236,17 +236,17 @@ def fetch_demo_cmd(general):
     gnu-standards, debian-reference-en and wordnet-base) as folders of .txt documents under general/,
     each with its package's COPYRIGHT file.
     """
-    from . import demo
+    from . import corpora, demo
 
     setup_logging(False)
     click.echo(f"model:  {demo.fetch_smollm2()}")
     click.echo(f"corpus: {demo.fetch_pydocs()}")
     if general:
-        for name, path in demo.fetch_general().items():
-            facts = demo.corpus_facts(path)
+        for name, path in corpora.fetch_general().items():
+            facts = corpora.corpus_facts(path)
             click.echo(f"{name + ':':18} {path}  ({facts['documents']:,} documents, {facts['bytes'] / 1e6:.1f} MB, "
                        f"~{facts['approx_tokens'] / 1e3:,.0f}k tokens at 4 bytes/token; "
-                       f"licence: {demo.GENERAL_CORPORA[name].licence})")
+                       f"licence: {corpora.GENERAL_CORPORA[name].licence})")
 
 
 @command(

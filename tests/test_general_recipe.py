@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from block_transformer import demo
+from block_transformer import corpora, demo
 from block_transformer.cli import fetch_demo_cmd
 from block_transformer.uptrain import checkpoint, load_recipe, loop
 from block_transformer.uptrain.command import uptrain_cmd
@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_fortunes_are_split_at_percent_lines_and_grouped():
     text = "A banker lends you his umbrella.\n\t\t-- Mark Twain\n%\nA horse!  A horse!\n%\n\n%\nLast one.\n"
-    assert demo.split_fortunes(text) == ["A banker lends you his umbrella.\n\t\t-- Mark Twain", "A horse!  A horse!",
+    assert corpora.split_fortunes(text) == ["A banker lends you his umbrella.\n\t\t-- Mark Twain", "A horse!  A horse!",
                                          "Last one."]
-    assert demo.group_texts(["aaaa", "bbbb", "cc", "d" * 20], max_chars=10) == ["aaaa\n\nbbbb", "cc", "d" * 20]
-    assert demo.group_texts([], 10) == []
+    assert corpora.group_texts(["aaaa", "bbbb", "cc", "d" * 20], max_chars=10) == ["aaaa\n\nbbbb", "cc", "d" * 20]
+    assert corpora.group_texts([], 10) == []
 
 
 def test_fortune_documents_skip_index_files_links_and_ascii_art(tmp_path):
@@ -43,9 +43,9 @@ def test_fortune_documents_skip_index_files_links_and_ascii_art(tmp_path):
     (folder / "love.dat").write_bytes(b"\x00\x02binary")
     (folder / "love.u8").symlink_to("love")
     (folder / "ascii-art").write_text("  /\\_/\\\n%\n")
-    (folder / "zen").write_text("x" * (demo.DOCUMENT_CHARS - 5) + "\n%\nsecond\n")
-    docs = dict(demo.fortune_documents(tmp_path))
-    assert docs == {"000-love": "one\n\ntwo", "000-zen": "x" * (demo.DOCUMENT_CHARS - 5), "001-zen": "second"}
+    (folder / "zen").write_text("x" * (corpora.DOCUMENT_CHARS - 5) + "\n%\nsecond\n")
+    docs = dict(corpora.fortune_documents(tmp_path))
+    assert docs == {"000-love": "one\n\ntwo", "000-zen": "x" * (corpora.DOCUMENT_CHARS - 5), "001-zen": "second"}
     # section number first: sorted names interleave the files, so a folder's first and last tokens span many
     assert sorted(docs) == ["000-love", "000-zen", "001-zen"]
 
@@ -83,7 +83,7 @@ Index
 
 
 def test_text_manual_sections_drop_the_contents_the_licence_and_the_index():
-    sections = demo.split_text_manual(MANUAL)
+    sections = corpora.split_text_manual(MANUAL)
     assert sections == [
         "GNU Coding Standards\n\nVersion line.",
         "1 About the GNU Coding Standards\n\nThe GNU Coding Standards were written by Richard Stallman.",
@@ -105,7 +105,7 @@ to know &amp; understand.</p>
 
 
 def test_html_is_text_per_section_without_navigation_or_contents():
-    sections = demo.html_sections(HTML)
+    sections = corpora.html_sections(HTML)
     assert sections == [
         "Chapter 3. The system\n\nIt is wise for you to know & understand.",
         "3.1. Overview\n\nThe boot loader.\n\npackage\tsize\ngrub-pc\t534\n\n$ ls -l\ntwo  spaces",
@@ -122,7 +122,7 @@ WORDNET = [
 
 
 def test_wordnet_glosses_name_words_part_of_speech_and_lexicographer_file():
-    parsed = [demo.wordnet_gloss(line) for line in WORDNET]
+    parsed = [corpora.wordnet_gloss(line) for line in WORDNET]
     assert parsed[0] is None and parsed[3] is None
     assert parsed[1] == ("noun.animal", 'dog, domestic dog, Canis familiaris (noun): a member of the genus Canis; '
                                         '"the dog barked all night"')
@@ -136,26 +136,26 @@ def test_wordnet_documents_keep_synsets_with_an_example(tmp_path):
     (folder / "data.adj").write_text(WORDNET[2] + "\n")  # no example sentence: left out
     for pos in ("verb", "adv"):
         (folder / f"data.{pos}").write_text(WORDNET[0] + "\n")
-    assert dict(demo.wordnet_documents(tmp_path)) == {"000-noun.animal": demo.wordnet_gloss(WORDNET[1])[1]}
+    assert dict(corpora.wordnet_documents(tmp_path)) == {"000-noun.animal": corpora.wordnet_gloss(WORDNET[1])[1]}
 
 
 def test_a_package_that_yields_nothing_is_an_error(tmp_path):
-    with pytest.raises(demo.BlockTransformerError, match="no documents"):
-        demo.write_documents(tmp_path, iter(()))
+    with pytest.raises(corpora.BlockTransformerError, match="no documents"):
+        corpora.write_documents(tmp_path, iter(()))
 
 
 def test_fetch_demo_general_prints_paths_sizes_and_licences_from_the_cache(tmp_path, monkeypatch):
     """Cached corpora are used as they are (nothing is downloaded); each line names path, size and licence."""
     monkeypatch.setenv("BLOCK_TRANSFORMER_CACHE", str(tmp_path))
-    for name in demo.GENERAL_CORPORA:
-        demo.write_documents(_mkdir(demo.general_path(name)),
+    for name in corpora.GENERAL_CORPORA:
+        corpora.write_documents(_mkdir(corpora.general_path(name)),
                              [("000-a", "x" * 400), ("001-a", "y" * 400)])
     monkeypatch.setattr(demo, "fetch_smollm2", lambda: tmp_path / "model.gguf")
     monkeypatch.setattr(demo, "fetch_pydocs", lambda: tmp_path / "python-docs")
-    monkeypatch.setattr(demo, "_extract_debs", lambda *a: pytest.fail("a cached corpus was downloaded again"))
+    monkeypatch.setattr(corpora, "extract_debs", lambda *a: pytest.fail("a cached corpus was downloaded again"))
     result = CliRunner().invoke(fetch_demo_cmd, ["--general"])
     assert result.exit_code == 0, result.output
-    for name, corpus in demo.GENERAL_CORPORA.items():
+    for name, corpus in corpora.GENERAL_CORPORA.items():
         line = next(line for line in result.output.splitlines() if line.startswith(f"{name}:"))
         assert str(tmp_path / "general" / name) in line and "2 documents" in line and corpus.licence in line
     plain = CliRunner().invoke(fetch_demo_cmd, [])
