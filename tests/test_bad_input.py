@@ -26,6 +26,7 @@ from conftest import TINY_RECIPE, assert_one_line_error, save_source
     (["train.lr=true"], ["train.lr", "valid number"]),
     (["lora.enabled=1"], ["lora.enabled", "valid boolean"]),
     (["train.warmup_steps=9"], ["train.warmup_steps 9 is longer than the run (8 steps)"]),
+    (["train.freeze_pretrained_steps=9"], ["train.freeze_pretrained_steps 9 is longer than the run (8 steps)"]),
     (["train.max_steps=null", "train.max_tokens=256", "train.warmup_steps=3"],  # 256 tokens = 2 steps of 4 x 32
      ["train.warmup_steps 3 is longer than the run (2 steps)"]),
 ])

@@ -313,6 +313,12 @@ class Recipe(_Section):
                 f"train.warmup_steps {warmup} is longer than the run ({self.total_steps} steps): "
                 "lower it, or use train.warmup_fraction."
             )
+        frozen = self.train.freeze_pretrained_steps
+        if frozen > self.total_steps:
+            raise ValueError(
+                f"train.freeze_pretrained_steps {frozen} is longer than the run ({self.total_steps} steps): lower it "
+                f"(set it to {self.total_steps} to train only the new modules and norms for the whole run)."
+            )
         return self
 
     @property
