@@ -1,7 +1,8 @@
 """The layer mappings the trade-off measurements compare on SmolLM2-135M (30 layers), by name.
 
 Each is (block layers, token layers, L_B), in ``bt-convert --block-layers/--token-layers`` syntax, so
-every row of a result file can be rebuilt with one ``bt-convert`` command (:func:`convert_command`).
+every row of a result file can be rebuilt with one ``bt-convert`` command (``benchmarks/tradeoff.py``
+records it next to the figures).
 """
 
 from __future__ import annotations
@@ -17,8 +18,3 @@ MAPPINGS: dict[str, tuple[str, str, int]] = {
 }
 DEFAULT = "partition 15/15"
 
-
-def convert_command(name: str, source: str = "~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf") -> str:
-    block, token, block_len = MAPPINGS[name]
-    slug = name.replace(" ", "-").replace("/", "-").replace(",", "")
-    return f"bt-convert {source} --block-len {block_len} --block-layers {block} --token-layers {token} -o smollm2-bt-{slug}"

@@ -11,8 +11,9 @@ SmolLM2-135M and the Python-docs corpus:
    weights, so the fresh conversion is benchmarked): whole-call and decode throughput ratios, KV
    cache per sequence; and the parameter count.
 
-Every stage writes its own output under ``--workdir`` and is skipped when that output exists, so an
-interrupted run resumes where it stopped; ``--json`` collects what exists so far (written atomically).
+Every stage writes its own output under ``--workdir`` and is skipped when that output exists and was
+made by the same command (recorded beside it; a different one is an error), so an interrupted run
+resumes where it stopped; ``--json`` collects what exists so far (written atomically).
 ``--plot`` draws perplexity vs whole-call speed-up (needs ``pip install -e .[plot]``).
 
     python benchmarks/tradeoff.py --tokens 100000                       # every mapping, hours on a CPU
@@ -57,8 +58,17 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """One project command, its output kept in ``log``; a failure stops the benchmark with the log's tail."""
+def stage(cmd: list[str], done: Path, log: Path) -> None:
+    """Run one project command unless ``done`` exists from the same command; its output is kept in ``log``.
+
+    A failure stops the benchmark with the log's tail; an output made by another command is refused
+    rather than silently reused as this one's result.
+    """
+    recorded = log.with_suffix(".command")
+    if done.exists():
+        if recorded.is_file() and recorded.read_text() != " ".join(cmd):
+            sys.exit(f"{done} was made by another command ({recorded}); delete it or pass another --workdir.")
+        return
     logger.info("$ %s", " ".join(cmd))
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
@@ -66,6 +76,7 @@ def run(cmd: list[str], log: Path) -> None:
     if code:
         tail = log.read_text().strip().splitlines()[-3:]
         sys.exit(f"{cmd[0]} failed (exit {code}), see {log}:\n" + "\n".join(tail))
+    recorded.write_text(" ".join(cmd))
 
 
 def bench_settings(bench: str) -> list[tuple[int, int, int]]:
@@ -96,8 +107,7 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
     converted = here / "converted"
     convert = [str(BIN / "bt-convert"), str(source), "--block-len", str(block_len), "--block-layers", block,
                "--token-layers", token, "-o", str(converted)]
-    if not (converted / "config.json").is_file():
-        run(convert, here / "convert.log")
+    stage(convert, converted / "config.json", here / "convert.log")
     config = json.loads((converted / "config.json").read_text())
     row: dict = {"mapping": name, "block_layers": block, "token_layers": token, "block_len": block_len,
                  "commands": {"convert": " ".join(convert)}, "uptraining": {}}
@@ -108,8 +118,7 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
         cmd = [str(BIN / "bt-uptrain"), str(args.recipe), "--set", "model.source=null", "--set", f"model.path={converted}",
                "--set", f"distill.teacher={source}", "--set", f"train.max_tokens={tokens}", "--set", f"output.dir={out}",
                *(arg for s in args.sets for arg in ("--set", s))]
-        if not (out / "uptraining_summary.json").is_file():
-            run(cmd, here / f"uptrain-{tokens}.log")
+        stage(cmd, out / "uptraining_summary.json", here / f"uptrain-{tokens}.log")
         summary = json.loads((out / "uptraining_summary.json").read_text())
         row["uptraining"][str(tokens)] = {
             key: summary.get(key) for key in ("tokens", "step0_ppl", "final_ppl", "source_ppl", "method", "hardware")
@@ -122,8 +131,7 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
                "--json", str(bench_json)]
         for batch, prompt, new in bench_settings(args.bench):
             cmd += ["--batch-size", str(batch), "--prompt-len", str(prompt), "--new-tokens", str(new)]
-        if not bench_json.is_file():
-            run(cmd, here / "bench.log")
+        stage(cmd, bench_json, here / "bench.log")
         row["bench"] = json.loads(bench_json.read_text())
         row["commands"]["bench"] = " ".join(cmd)
     row["parameters"] = _parameters(converted)

@@ -27,12 +27,19 @@ INTERLEAVED = LayerMapping((0, 2), (1, 3))
 
 
 @pytest.mark.parametrize(
-    ("text", "layers"),
-    [("0-3,8", (0, 1, 2, 3, 8)), ("5", (5,)), (" 0 - 2 , 4 ", (0, 1, 2, 4)), ("0-8:2", (0, 2, 4, 6, 8)), ([1, 3], (1, 3))],
+    ("text", "layers", "formatted"),
+    [
+        ("0-3,8", (0, 1, 2, 3, 8), "0-3,8"),
+        ("5", (5,), "5"),
+        (" 0 - 2 , 4 ", (0, 1, 2, 4), "0-2,4"),
+        ("0-8:2", (0, 2, 4, 6, 8), "0,2,4,6,8"),
+        ([1, 3], (1, 3), "1,3"),
+    ],
 )
-def test_layer_lists_parse(text, layers):
+def test_layer_lists_parse(text, layers, formatted):
     assert parse_layers(text, "--block-layers") == layers
-    assert format_layers(layers) in (text.replace(" ", "") if isinstance(text, str) else "1,3", "0,2,4,6,8")
+    assert format_layers(layers) == formatted
+    assert parse_layers(formatted, "--block-layers") == layers
 
 
 @pytest.mark.parametrize(
@@ -201,3 +208,18 @@ def test_recipes_take_the_same_mappings(tmp_path):
         read_blueprint(tiny_recipe(tmp_path, **{"model.split": None, "model.block_layers": "0-3"}))
     with pytest.raises(ConversionError, match="either model.split or model.block_layers"):
         read_blueprint(tiny_recipe(tmp_path, **{"model.block_layers": "0-3", "model.token_layers": "0-3"}))
+
+
+def test_probe_checks_every_layer_of_any_mapping():
+    """Check (c): each decoder layer, fed what its source layer saw, returns what it returned — so a per-layer
+    setting that did not follow its layer is caught even where the logits check cannot run (interleaved)."""
+    from block_transformer.convert.coverage import tiny_config
+
+    source = random_source(tiny_config("gemma2"))  # alternating sliding (window 8) and global layers
+    model = convert_model(source, INTERLEAVED, 3, separator_id=0)
+    report = probe(source, model)
+    assert report.passed and report.logits_error is None and report.layers_error < 1e-4
+    assert model.token_decoder.config.layer_types == ["full_attention"] * 2  # source layers 1 and 3
+    model.token_decoder.config.layer_types = ["sliding_attention", "full_attention"]  # as a wrong slicing would
+    report = probe(source, model)
+    assert not report.passed and report.failed == "a decoder layer's output"

@@ -162,11 +162,7 @@ def check_family(model_type: str, *, reload: bool = True) -> FamilyResult:
 def exact_copies(source: torch.nn.Module, model) -> bool:
     """Every source tensor sits, bit for bit, wherever the recorded layer mapping puts it (copies, not shared)."""
     structure = find_structure(source, check_architecture(source.config))
-    conv = model.config.conversion or {}
-    n_block = model.config.block_decoder_config.num_hidden_layers
-    n_layers = n_block + model.config.token_decoder_config.num_hidden_layers
-    block_layers = conv.get("block_layers", list(range(n_block)))
-    token_layers = conv.get("token_layers", list(range(n_block, n_layers)))
+    mapping = LayerMapping.from_config(model.config)
     ours = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     embedding = source.get_input_embeddings().weight
     for name, tensor in source.base_model.state_dict(keep_vars=True).items():
@@ -174,7 +170,7 @@ def exact_copies(source: torch.nn.Module, model) -> bool:
             index, rest = name[len(structure.layers) + 1 :].split(".", 1)
             targets = [
                 f"{side}.{structure.layers}.{new}.{rest}"
-                for side, layers in (("block_decoder", block_layers), ("token_decoder", token_layers))
+                for side, layers in (("block_decoder", mapping.block), ("token_decoder", mapping.token))
                 for new, old in enumerate(layers)
                 if old == int(index)
             ]

@@ -75,6 +75,15 @@ class LayerMapping:
         return cls.partition(block, token)
 
     @classmethod
+    def from_config(cls, config) -> "LayerMapping":
+        """The mapping a converted model's config records (``conversion.block_layers/token_layers``); a
+        conversion from before layer lists were recorded was a partition of its decoders' layer counts."""
+        conv = getattr(config, "conversion", None) or {}
+        if "block_layers" in conv and "token_layers" in conv:
+            return cls(tuple(conv["block_layers"]), tuple(conv["token_layers"]))
+        return cls.partition(config.block_decoder_config.num_hidden_layers, config.token_decoder_config.num_hidden_layers)
+
+    @classmethod
     def halves(cls, num_layers: int) -> "LayerMapping":
         """The default: the lower half of the layers (rounded down) becomes the block decoder."""
         return cls.partition(num_layers // 2, num_layers - num_layers // 2)

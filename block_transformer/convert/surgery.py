@@ -126,24 +126,9 @@ def copy_source_weights(
 ) -> list[str]:
     """Copy every source tensor to its place(s); returns the names of our parameters that were copied."""
     base = source.base_model
-    embed_name = structure.embedding
-    layer_prefix = f"{structure.layers}."
-    block_state: dict[str, torch.Tensor] = {}
-    token_state: dict[str, torch.Tensor] = {}
-    for key, tensor in base.state_dict().items():
-        if key.startswith(layer_prefix):
-            index, rest = key[len(layer_prefix) :].split(".", 1)
-            for state, layers in ((block_state, mapping.block), (token_state, mapping.token)):
-                for new_index, old_index in enumerate(layers):
-                    if old_index == int(index):
-                        state[f"{layer_prefix}{new_index}.{rest}"] = tensor
-        elif key.startswith(f"{embed_name}."):
-            continue
-        elif structure.final_norm and key.startswith(f"{structure.final_norm}."):
-            token_state[key] = tensor
-        else:  # position tables and other shared non-layer state
-            block_state[key] = tensor
-            token_state[key] = tensor
+    state = base.state_dict()
+    block_state = _decoder_state(state, structure, mapping.block, final_norm=False)
+    token_state = _decoder_state(state, structure, mapping.token, final_norm=True)
     _load_exact(model.block_decoder, block_state, "block decoder")
     _load_exact(model.token_decoder, token_state, "token decoder")
     with torch.no_grad():
@@ -158,19 +143,35 @@ def copy_source_weights(
     return copied + ["embed_tokens.weight", *head]
 
 
+def _decoder_state(
+    state: dict[str, torch.Tensor], structure: Structure, layers: tuple[int, ...] | range, *, final_norm: bool
+) -> dict[str, torch.Tensor]:
+    """The base-model state of a decoder made of the source ``layers`` (renumbered from 0; a layer listed in
+    two decoders lands in both), the shared non-layer state (position tables, ...) and, if asked, the final
+    norm; never the vocabulary table (the model owns one shared table)."""
+    layer_prefix = f"{structure.layers}."
+    sub: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.startswith(layer_prefix):
+            index, rest = key[len(layer_prefix) :].split(".", 1)
+            sub.update({f"{layer_prefix}{new}.{rest}": tensor for new, old in enumerate(layers) if old == int(index)})
+        elif key.startswith(f"{structure.embedding}."):
+            continue
+        elif structure.final_norm and key.startswith(f"{structure.final_norm}."):
+            if final_norm:
+                sub[key] = tensor
+        else:
+            sub[key] = tensor
+    return sub
+
+
 def lower_stack(source: PreTrainedModel, family: Family, structure: Structure, num_layers: int) -> PreTrainedModel:
     """The source's layers [0, num_layers) as a decoder of their own (no vocabulary table, no final norm):
     what computes the state the source had before layer ``num_layers``, for the sink-aware init."""
     sub_config = _sub_config(source.config, family, range(num_layers))
     sub_config._attn_implementation = source.config._attn_implementation
     decoder = _build_decoder(sub_config, structure.final_norm).to(source.get_input_embeddings().weight.dtype)
-    state = {
-        key: tensor
-        for key, tensor in source.base_model.state_dict().items()
-        if not key.startswith(f"{structure.embedding}.")
-        and not (structure.final_norm and key.startswith(f"{structure.final_norm}."))
-        and not (key.startswith(f"{structure.layers}.") and int(key[len(structure.layers) + 1 :].split(".", 1)[0]) >= num_layers)
-    }
+    state = _decoder_state(source.base_model.state_dict(), structure, range(num_layers), final_norm=False)
     _load_exact(decoder, state, "lower layers")
     return decoder.eval()
 
