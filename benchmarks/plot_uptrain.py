@@ -6,7 +6,9 @@ drawn as a horizontal line.
 
 Runs with several named held-out sets (a mixture's tails, ``eval.sets``) have one curve per set (``--sets``
 picks some), each with the source's perplexity on that set as a dashed line of the same colour;
-``--ratio`` plots perplexity / the source's instead, so sets of different difficulty share one axis.
+``--ratio`` plots perplexity / the source's instead, so sets of different difficulty share one axis (a
+set without the source's figure is left out, with a warning). ``--source-ppl`` gives the source's figure
+for runs without named sets; it is an error beside a run that has them (each set has its own figure).
 
     python benchmarks/plot_uptrain.py "CE + KL + hidden=runs/kd-align-300k" "CE=runs/ce-100k" \
         --out benchmarks/results/uptrain_smollm2_pydocs
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 # Quoted, not measured here: the naive-init plain-CE prototype (reference init, plain CE), same corpus tail.
@@ -47,6 +50,39 @@ def read_run(path: Path) -> dict:
     }
 
 
+def curves(runs: dict[str, dict], sets: list[str] | None, ratio: bool, source_ppl: float | None) -> list[dict]:
+    """What to draw: per run (and per named set) a curve ``{label, tokens, values, source}`` in thousands of
+    tokens; ``source`` is the source's perplexity on it (a dashed line), None with ``ratio``. Curves that
+    ``ratio`` cannot divide (no source figure) are left out with a warning on stderr."""
+    out = []
+    for name, run in runs.items():
+        if run["sets"]:
+            pairs = [(f"{name}: {s}", run["sets"].get(s), run["source_ppl_by_set"].get(s), s)
+                     for s in sets or list(run["sets"])]
+        else:
+            own = source_ppl or ((run["summary"] or {}).get("source_ppl"))
+            pairs = [(name, run["eval_ppl"], own, None)]
+        for label, ppl, source, set_name in pairs:
+            if ppl is None:
+                continue
+            if ratio and not source:
+                print(f"warning: {label} has no source perplexity to divide by: left out of --ratio", file=sys.stderr)
+                continue
+            points = [(t / 1000, p / source if ratio else p) for t, p in zip(run["tokens"], ppl) if p]
+            out.append({"label": label, "tokens": [t for t, _ in points], "values": [v for _, v in points],
+                        "source": None if ratio or set_name is None else source, "set": set_name})
+    return out
+
+
+def check_source_ppl(runs: dict[str, dict], source_ppl: float | None) -> None:
+    """``--source-ppl`` is one figure, for runs without named sets: an error beside runs that have them."""
+    named = [name for name, run in runs.items() if run["sets"]]
+    if source_ppl is not None and named:
+        raise SystemExit(f"error: --source-ppl is one figure for runs without named held-out sets, but "
+                         f"{', '.join(named)} has them (each set with the source's figure from its summary): "
+                         "drop --source-ppl.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="NAME=PATH")
@@ -62,6 +98,7 @@ def main() -> None:
     for item in args.runs:
         name, _, path = item.partition("=")
         runs[name] = read_run(Path(path))
+    check_source_ppl(runs, args.source_ppl)
     source_ppl = args.source_ppl or next(
         (r["summary"]["source_ppl"] for r in runs.values() if r["summary"] and r["summary"].get("source_ppl")), None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,19 +111,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, run in runs.items():
-        if not run["sets"]:
-            ax.plot([t / 1000 for t in run["tokens"]], run["eval_ppl"], marker="o", ms=3, label=name)
-            continue
-        for set_name in args.sets or list(run["sets"]):
-            ppl, source = run["sets"].get(set_name), run["source_ppl_by_set"].get(set_name)
-            if ppl is None:
-                continue
-            points = [(t / 1000, p / source if args.ratio and source else p) for t, p in zip(run["tokens"], ppl) if p]
-            line, = ax.plot(*zip(*points), marker="o", ms=3, label=f"{name}: {set_name}")
-            if source and not args.ratio:
-                ax.axhline(source, color=line.get_color(), ls="--", lw=1, label=f"source on {set_name} ({source:.1f})")
-    if not args.no_prototype:
+    for curve in curves(runs, args.sets, args.ratio, args.source_ppl):
+        line, = ax.plot(curve["tokens"], curve["values"], marker="o", ms=3, label=curve["label"])
+        if curve["source"]:
+            ax.axhline(curve["source"], color=line.get_color(), ls="--", lw=1,
+                       label=f"source on {curve['set']} ({curve['source']:.1f})")
+    if args.ratio and not args.no_prototype:
+        print("warning: the quoted prototype has no source perplexity to divide by: left out of --ratio", file=sys.stderr)
+    elif not args.no_prototype:
         ax.plot([t / 1000 for t in PROTOTYPE["tokens"]], PROTOTYPE["eval_ppl"], ls=":", color="grey",
                 label="prototype: naive init, CE (quoted)")
     if args.ratio:

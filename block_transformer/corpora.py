@@ -47,7 +47,7 @@ def fortune_documents(root: Path) -> Iterator[tuple[str, str]]:
     """Every fortune file (but ``ascii-art``), its fortunes grouped into documents of ~DOCUMENT_CHARS."""
     folder = root / "usr/share/games/fortunes"
     for path in sorted(folder.iterdir()):
-        if path.is_symlink() or path.suffix or path.name in FORTUNES_SKIPPED:
+        if path.is_symlink() or not path.is_file() or path.suffix or path.name in FORTUNES_SKIPPED:
             continue
         groups = group_texts(split_fortunes(_read_text(path)), DOCUMENT_CHARS)
         yield from ((f"{i:03d}-{path.name}", text) for i, text in enumerate(groups))
@@ -132,18 +132,18 @@ class _HTMLText(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.sections: list[list[str]] = [[]]
-        self.skip: list[str] = []  # open tags whose content is dropped (innermost last)
-        self.open_divs = 0  # divs opened inside the outermost skipped div
+        self.skip_tag: str | None = None  # the open tag whose content is dropped (a tag inside it opens no other)
+        self.open_divs = 0  # divs opened inside a skipped div
         self.pre = 0
 
     def handle_starttag(self, tag, attrs):
-        if self.skip:
-            if tag == "div" and self.skip[0] == "div":
+        if self.skip_tag:
+            if tag == "div" and self.skip_tag == "div":
                 self.open_divs += 1
             return
         classes = set((dict(attrs).get("class") or "").split())
         if tag in self.SKIP_TAGS or (tag == "div" and classes & self.SKIP_CLASSES):
-            self.skip.append(tag)
+            self.skip_tag = tag
             return
         if tag in self.HEADINGS:
             self.sections.append([])
@@ -155,11 +155,11 @@ class _HTMLText(HTMLParser):
             self.sections[-1].append("\t")
 
     def handle_endtag(self, tag):
-        if self.skip:
-            if tag == "div" and self.skip[0] == "div" and self.open_divs:
+        if self.skip_tag:
+            if tag == "div" and self.skip_tag == "div" and self.open_divs:
                 self.open_divs -= 1
-            elif tag == self.skip[0]:
-                self.skip.pop()
+            elif tag == self.skip_tag:
+                self.skip_tag = None
             return
         if tag == "pre":
             self.pre = max(0, self.pre - 1)
@@ -167,7 +167,7 @@ class _HTMLText(HTMLParser):
             self.sections[-1].append("\n")
 
     def handle_data(self, data):
-        if self.skip:
+        if self.skip_tag:
             return
         self.sections[-1].append(data if self.pre else re.sub(r"\s+", " ", data))
 
@@ -243,8 +243,12 @@ GENERAL_CORPORA: dict[str, GeneralCorpus] = {c.name: c for c in (
 
 def fetch_general(names: Iterable[str] | None = None) -> dict[str, Path]:
     """Each general corpus (all by default) as a folder of .txt documents in the cache; cached folders are kept."""
+    names = list(names or GENERAL_CORPORA)
+    unknown = [name for name in names if name not in GENERAL_CORPORA]
+    if unknown:
+        raise BlockTransformerError(f"no general corpus named {', '.join(unknown)}: choose from {', '.join(GENERAL_CORPORA)}.")
     paths = {}
-    for name in names or GENERAL_CORPORA:
+    for name in names:
         corpus = GENERAL_CORPORA[name]
         target = general_path(name)
         if not target.is_dir():
