@@ -64,7 +64,7 @@ class DataSpec:
         raises :class:`DataError` with what to do when it cannot be used."""
         if not spec or not spec.strip():
             raise DataError("empty data spec: pass a file, folder, glob or hub dataset name[:config][:split].")
-        if _is_local(spec):
+        if is_local(spec):
             root, files = _local_files(spec)
             parsed = cls(spec=spec, kind="local", files=tuple(files), root=root, text_field=text_field)
             parsed._check_local_text()
@@ -126,7 +126,8 @@ class DataSpec:
         return documents
 
 
-def _is_local(spec: str) -> bool:
+def is_local(spec: str) -> bool:
+    """Whether ``spec`` names local data (see the module docstring); anything else is a hub dataset."""
     return Path(spec).expanduser().exists() or glob.has_magic(spec) or spec.startswith((".", "/", "~"))
 
 

@@ -215,11 +215,19 @@ def test_mixture_recipe_names_each_tail_and_eval_set(tmp_path):
     ({"data.train": "[{name: 'a b', path: x}]"}, "data.train.0.name"),
     ({"data.train": "[]"}, "list at least one component"),
     ({"data.train": "[{path: x}]"}, "missing required key data.train.0.name"),
-    ({"data.train": "[{name: a, path: x, weight: 1000}, {name: b, path: y}]"}, "would never be drawn"),
+    ({"data.train": "[{name: a, path: x, weight: 1000}, {name: b, path: y}]"},
+     "every chunk of 256 sequences draws each component at least once, so it would be drawn 4x as often"),
     ({"data.train": "[{name: a, path: x}]", "data.eval": "y", "data.heldout_tokens": "null"}, "data.eval is for a single"),
     ({"data.train": "[{name: a, path: x}]", "data.streaming": "true"}, "a mixture is read whole"),
     ({"eval.primary": "nothing"}, "eval.primary 'nothing' is not a held-out set"),
     ({"data.train": "3"}, "data.train: Input should be a valid string"),
+    # held-out sizes below one eval window (eval.seq_len 32): refused at load, not by a traceback after conversion
+    ({"eval.sets": "[{name: d, data: y, max_tokens: 16}]"}, "eval.sets.0.max_tokens 16 is less than one eval window of 32"),
+    ({"eval.max_tokens": 16}, "eval.max_tokens 16 is less than one eval window of 32 tokens"),
+    ({"data.heldout_tokens": 16, "data.train": "x"}, "raise data.heldout_tokens to at least 32, or lower eval.seq_len"),
+    ({"data.train": "[{name: a, path: x}, {name: b, path: y, heldout_tokens: 8}]", "data.heldout_tokens": 64},
+     "data.train.1.heldout_tokens 8 is less than one eval window of 32"),
+    ({"eval.seq_len": "null", "data.seq_len": 1024}, "eval.max_tokens 256 is less than one eval window of 1024"),
 ])
 def test_bad_mixtures_and_eval_sets_are_one_line_naming_the_key(tmp_path, overrides, fragment):
     with pytest.raises(RecipeError) as err:
@@ -230,14 +238,74 @@ def test_bad_mixtures_and_eval_sets_are_one_line_naming_the_key(tmp_path, overri
     assert_one_line_error(result, fragment)
 
 
-def test_a_missing_component_or_eval_set_file_fails_before_any_model_work(tmp_path):
+def no_model_work(monkeypatch) -> None:
+    """Loading, converting or scoring a model fails the test loudly: what is checked must fail before it."""
+    from block_transformer.convert import convert as convert_module
+
+    def fail(*args, **kwargs):
+        pytest.fail("model work started before the recipe's error was found")
+
+    for target, name in [(loop, "load_model"), (loop, "load_teacher"), (loop, "score"), (convert_module, "convert")]:
+        monkeypatch.setattr(target, name, fail)
+
+
+def uptrain_args(tmp_path: Path, recipe, *sets: str) -> list[str]:
+    return [str(TINY_RECIPE), f"--set=model.source={recipe.model.source}", f"--set=data.train={tmp_path / 'corpus'}",
+            f"--set=output.dir={tmp_path / 'out'}", *(f"--set={s}" for s in sets)]
+
+
+def test_a_missing_component_or_eval_set_file_fails_before_any_model_work(tmp_path, monkeypatch):
     recipe = mixture_recipe(tmp_path)
+    no_model_work(monkeypatch)
     for key, value in [("data.train", f"[{{name: a, path: {tmp_path / 'corpus'}}}, {{name: b, path: {tmp_path / 'nope'}}}]"),
                        ("eval.sets", f"[{{name: d, data: {tmp_path / 'nope'}}}]")]:
-        result = CliRunner().invoke(uptrain_cmd, [str(TINY_RECIPE), f"--set=model.source={recipe.model.source}",
-                                                  f"--set=data.train={tmp_path / 'corpus'}", f"--set={key}={value}",
-                                                  f"--set=output.dir={tmp_path / 'out'}", "--dry-run"])
-        assert_one_line_error(result, "nope")
+        for dry_run in ([], ["--dry-run"]):
+            result = CliRunner().invoke(uptrain_cmd, [*uptrain_args(tmp_path, recipe, f"{key}={value}"), *dry_run])
+            assert_one_line_error(result, "nope")
+
+
+def test_a_hub_dataset_as_a_mixture_component_is_refused_before_any_model_work(tmp_path, monkeypatch):
+    """Regression: a hub component was read whole into memory, without the hub check, after conversion."""
+    recipe = mixture_recipe(tmp_path)
+    no_model_work(monkeypatch)
+    train = f"[{{name: a, path: {tmp_path / 'corpus'}}}, {{name: web, path: someorg/corpus:cfg}}]"
+    for dry_run in ([], ["--dry-run"]):
+        result = CliRunner().invoke(uptrain_cmd, [*uptrain_args(tmp_path, recipe, f"data.train={train}"), *dry_run])
+        assert_one_line_error(result, "data.train web: someorg/corpus:cfg is a hub dataset",
+                              "a mixture component must be a local file/folder/glob",
+                              "stream it as the single data.train")
+
+
+@pytest.mark.parametrize(("sets", "fragments"), [
+    # a small eval folder: 8 tokens
+    (["eval.sets=[{name: tiny, data: TINY}]"], ["held-out set tiny holds 8 tokens, less than one eval window of 32",
+                                                 "point eval.sets.0.data at more text", "or lower eval.seq_len"]),
+    # a tail that is a fraction of a small corpus: ceil(4823 * 0.001) = 5 tokens
+    (["data.heldout_tokens=null", "data.heldout_fraction=0.001"], ["held-out set held-out holds 5 tokens",
+                                                                   "raise data.heldout_fraction"]),
+    # data.eval that holds less than one window
+    (["data.heldout_tokens=null", "data.eval=TINY"], ["held-out set held-out holds 8 tokens",
+                                                      "point data.eval at more text"]),
+])
+def test_a_held_out_set_shorter_than_the_eval_window_fails_before_any_model_work(tmp_path, monkeypatch, sets, fragments):
+    """Regression: ``score`` raised a bare ValueError (a traceback) after the conversion, at the step-0 evaluation."""
+    recipe = mixture_recipe(tmp_path)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "t.txt").write_text("abcdefgh")  # 8 tokens
+    no_model_work(monkeypatch)
+    result = CliRunner().invoke(uptrain_cmd, uptrain_args(tmp_path, recipe, *(s.replace("TINY", str(tiny)) for s in sets)))
+    assert_one_line_error(result, *fragments)
+
+
+def test_the_held_out_tail_length_has_one_rule_for_a_corpus_and_each_component(tmp_path):
+    from block_transformer.uptrain.data import heldout_length
+
+    single = tiny_recipe(tmp_path, **{"data.heldout_tokens": None, "data.heldout_fraction": 0.1}).data
+    assert heldout_length(single, 0, 1000) == (100, "data.heldout_fraction")
+    mixture = mixture_recipe(tmp_path).data  # upper sets its own tail, lower takes data.heldout_tokens
+    assert heldout_length(mixture, 0, 10_000) == (512, "data.heldout_tokens")
+    assert heldout_length(mixture, 1, 10_000) == (256, "data.train.1.heldout_tokens")
 
 
 def test_the_general_recipe_validates():
@@ -257,7 +325,7 @@ def test_mixture_quotas_follow_the_weights_and_fill_the_chunk():
     assert mixture_quotas((3.0, 1.0)) == [192, 64]
     quotas = mixture_quotas((0.25, 0.15, 0.25, 0.35))
     assert sum(quotas) == MIXTURE_CHUNK and quotas == [64, 38, 64, 90]
-    assert mixture_quotas((1.0, 1.0, 1.0)) in ([86, 85, 85],)
+    assert mixture_quotas((1.0, 1.0, 1.0)) == [86, 85, 85]
     assert min(mixture_quotas((500.0, 1.0))) == 1  # a small share is drawn at least once per chunk
 
 
@@ -272,6 +340,32 @@ def test_mixture_draws_follow_the_weights_and_the_seed():
     assert draws != [mixture_draw(weights, i, seed=1) for i in range(4 * MIXTURE_CHUNK)]
     first = [k for k, _ in draws[:MIXTURE_CHUNK]]
     assert first != sorted(first)  # shuffled within the chunk, not one component after the other
+
+
+def test_each_component_keeps_its_pass_order_however_many_components(monkeypatch):
+    """Regression: a 32-entry FIFO cache of orders re-drew a permutation at nearly every pick with more than 32
+    components. Now each component's order is drawn once per pass over it."""
+    from block_transformer.uptrain.data import Batch, Component, LocalData
+
+    n, per = 40, 3  # 40 components of 3 sequences: every chunk passes over each about twice
+    ids = torch.arange(n * per).view(n * per, 1)
+    data = LocalData(Batch(ids, ids), train_tokens=n * per, heldout=[],
+                     components=[Component(str(k), 1 / n, k * per, per, per) for k in range(n)])
+    real, drawn = torch.randperm, []
+
+    def counting(size, *args, **kwargs):
+        if size == per:
+            drawn.append(size)
+        return real(size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", counting)
+    picks = [data.sequence_index(i, seed=0) for i in range(MIXTURE_CHUNK)]
+    passes = {(k, j // per) for k, j in (mixture_draw(tuple(c.weight for c in data.components), i, 0)
+                                         for i in range(MIXTURE_CHUNK))}
+    assert len(drawn) == len(passes)
+    for k in range(n):  # and a pass reads each of the component's sequences once
+        own = [p for p in picks if k * per <= p < (k + 1) * per]
+        assert sorted(own[:per]) == list(range(k * per, (k + 1) * per))
 
 
 def test_mixture_batches_respect_weights_tails_and_seed(tmp_path):
@@ -377,11 +471,36 @@ def test_a_resumed_mixture_run_equals_an_uninterrupted_one(tmp_path, monkeypatch
     assert figures(reference) == figures(resumed) and list(figures(reference)) == ["lower", "upper", "dev"]
 
 
-def test_a_checkpoint_from_before_named_sets_keeps_its_source_figure():
-    assert loop._saved_references({"reference": {"perplexity": 5.0}}, "held-out") == {"held-out": {"perplexity": 5.0}}
-    assert loop._saved_references({"reference": None}, "held-out") == {}
+def test_a_checkpoint_from_before_named_sets_keeps_its_source_figure_on_its_own_set():
+    """Regression: the old single figure was attached to whatever set the resumed recipe made primary (an
+    eval.sets entry, say), though it was scored on the training data's held-out set."""
+    assert loop._saved_references({"reference": {"perplexity": 5.0}}) == {"held-out": {"perplexity": 5.0}}
+    assert loop._saved_references({"reference": None}) == {}
     both = {"reference": {"perplexity": 5.0}, "references": {"a": {"perplexity": 5.0}, "b": {"perplexity": 7.0}}}
-    assert loop._saved_references(both, "a") == both["references"]
+    assert loop._saved_references(both) == both["references"]
+
+
+def test_adding_an_eval_set_on_resume_is_not_a_recipe_change(tmp_path, caplog):
+    import logging
+
+    settings = {"train.max_steps": 2, "checkpoint.every": 0, "eval.every": 0}
+    recipe = tiny_recipe(tmp_path, **settings)
+    loop.uptrain(recipe)
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "d.txt").write_text("the quick brown fox jumps over the lazy dog " * 20)
+    more = {"eval.sets": f"[{{name: dev, data: {dev}, max_tokens: 64}}]", "eval.primary": "dev",
+            "eval.max_tokens": 128, "output.overwrite": True}
+    resumed = tiny_recipe(tmp_path, **settings, **more)
+    assert loop.recipe_changes(recipe.to_yaml(), resumed) == []
+    with caplog.at_level(logging.WARNING):
+        out = loop.uptrain(resumed, resume="")
+    assert not [r for r in caplog.records if "recipe differs" in r.getMessage()], caplog.text
+    summary = json.loads((out / loop.SUMMARY_FILE).read_text())
+    assert summary["primary_eval_set"] == "dev" and summary["eval_sets"]["dev"]["tokens"] == 64
+    # the source's figure on the new set is scored now; the old set keeps the checkpoint's
+    assert summary["source_ppl"] == summary["eval_sets"]["dev"]["source_ppl"] > 0
+    assert summary["eval_sets"]["held-out"]["source_ppl"] > 0
 
 
 def test_the_plot_script_reads_every_set_and_the_source_on_each(tmp_path):
@@ -404,3 +523,46 @@ def test_the_plot_script_reads_every_set_and_the_source_on_each(tmp_path):
     (tmp_path / "old").mkdir()  # a run from before named sets: no sets, the single curve as before
     (tmp_path / "old" / "metrics.jsonl").write_text(json.dumps({k: v for k, v in records[0].items() if k != "sets"}) + "\n")
     assert plot.read_run(tmp_path / "old")["sets"] == {}
+
+
+def plot_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_uptrain", REPO / "benchmarks" / "plot_uptrain.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    return plot
+
+
+def test_the_plot_ratio_leaves_out_sets_without_a_source_figure_and_source_ppl_is_not_ignored(capsys):
+    """Regression: --ratio drew raw perplexity for a set the source was not scored on (on the ratio axis), and
+    --source-ppl was silently ignored for runs with named sets."""
+    plot = plot_module()
+    named = {"tokens": [0, 1000], "eval_ppl": [9.0, 3.0], "summary": {}, "sets": {"a": [9.0, 3.0], "dev": [90.0, 30.0]},
+             "source_ppl_by_set": {"a": 2.0, "dev": None}}
+    old = {"tokens": [0, 1000], "eval_ppl": [8.0, 4.0], "summary": {"source_ppl": 2.0}, "sets": {},
+           "source_ppl_by_set": {}}
+    ratio = plot.curves({"run": named, "old": old}, None, ratio=True, source_ppl=None)
+    assert [(c["label"], c["values"]) for c in ratio] == [("run: a", [4.5, 1.5]), ("old", [4.0, 2.0])]
+    assert "run: dev has no source perplexity" in capsys.readouterr().err
+    plain = plot.curves({"run": named}, ["dev"], ratio=False, source_ppl=None)
+    assert [(c["label"], c["values"], c["source"]) for c in plain] == [("run: dev", [90.0, 30.0], None)]
+    assert plot.curves({"old": old}, None, ratio=True, source_ppl=4.0)[0]["values"] == [2.0, 1.0]  # --source-ppl applies
+    with pytest.raises(SystemExit, match="--source-ppl is one figure for runs without named held-out sets"):
+        plot.check_source_ppl({"run": named, "old": old}, 4.0)
+    plot.check_source_ppl({"old": old}, 4.0)
+    plot.check_source_ppl({"run": named}, None)
+
+
+def test_fortune_folders_are_skipped_and_unknown_corpora_are_one_line(tmp_path):
+    """Regression: a folder in the fortunes directory (Debian ships ``off/``) failed with IsADirectoryError;
+    an unknown corpus name was a KeyError."""
+    folder = tmp_path / "usr/share/games/fortunes"
+    (folder / "off").mkdir(parents=True)
+    (folder / "off" / "art").write_text("x\n%\n")
+    (folder / "love").write_text("one\n%\ntwo\n")
+    assert dict(corpora.fortune_documents(tmp_path)) == {"000-love": "one\n\ntwo"}
+    with pytest.raises(corpora.BlockTransformerError) as err:
+        corpora.fetch_general(["fortunes", "nope"])
+    assert str(err.value) == ("no general corpus named nope: choose from fortunes, gnu-standards, debian-reference, "
+                              "wordnet.")

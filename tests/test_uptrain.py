@@ -214,8 +214,9 @@ def test_block_aligned_packing():
 def test_heldout_tail_never_trains_and_order_is_seeded(tmp_path):
     recipe = tiny_recipe(tmp_path)
     data = load_local(recipe.data, tiny_tokenizer(), 0, 4, 256)
-    total = data.train_tokens + data.eval_ids.numel()
-    assert data.eval_ids.numel() == 512 and total == 24 * 201 - 1
+    (held,) = data.heldout
+    total = data.train_tokens + held.ids.numel()
+    assert held.ids.numel() == 512 and total == 24 * 201 - 1
     assert data.sequences.input_ids.numel() <= data.train_tokens
     first = data.batch_for_step(0, 4, seed=0)
     assert torch.equal(first.input_ids, data.batch_for_step(0, 4, seed=0).input_ids)

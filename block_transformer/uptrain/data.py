@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -95,6 +94,7 @@ class HeldOut:
     name: str
     ids: torch.Tensor
     region: str
+    remedy: str = ""  # what makes it longer, in recipe keys ("raise data.heldout_tokens")
 
 
 @dataclass
@@ -113,11 +113,10 @@ class LocalData:
     """A whole local corpus (or a mixture of them) in memory: packed training sequences + held-out tokens."""
 
     sequences: Batch
-    eval_ids: torch.Tensor  # the first held-out set's tokens (a single corpus: its tail)
-    eval_region: str
     train_tokens: int  # tokens of the corpus used for training (before packing); a mixture: all components'
+    heldout: list[HeldOut]  # each component's held-out tail; a single corpus: its tail (or data.eval)
     components: list[Component] = field(default_factory=list)  # a mixture's; empty for a single corpus
-    heldout: list[HeldOut] = field(default_factory=list)  # each corpus's held-out tail (or data.eval)
+    _orders: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def batch_for_step(self, step: int, batch_size: int, seed: int) -> Batch:
         """The ``batch_size`` global sequences of optimizer step ``step`` (epochs wrap around)."""
@@ -130,11 +129,18 @@ class LocalData:
         if not self.components:
             n = self.sequences.input_ids.shape[0]
             epoch, index = divmod(i, n)
-            return int(_permutation(n, seed + epoch)[index])
+            return int(self._order(-1, n, seed + epoch)[index])
         k, j = mixture_draw(tuple(c.weight for c in self.components), i, seed)
         c = self.components[k]
         epoch, index = divmod(j, c.count)
-        return c.first + int(_permutation(c.count, seed + epoch + 1_000_003 * (k + 1))[index])
+        return c.first + int(self._order(k, c.count, seed + epoch + 1_000_003 * (k + 1))[index])
+
+    def _order(self, k: int, n: int, seed: int) -> torch.Tensor:
+        """Component ``k``'s (-1: the single corpus's) order for the pass seeded by ``seed``, kept until its next pass."""
+        cached = self._orders.get(k)
+        if cached is None or cached[0] != seed:
+            cached = self._orders[k] = (seed, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
+        return cached[1]
 
 
 def mixture_quotas(weights: tuple[float, ...], chunk: int = MIXTURE_CHUNK) -> list[int]:
@@ -174,18 +180,6 @@ def mixture_draw(weights: tuple[float, ...], i: int, seed: int) -> tuple[int, in
     return k, chunk_index * mixture_quotas(weights)[k] + rank
 
 
-_PERMUTATIONS: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
-
-
-def _permutation(n: int, seed: int) -> torch.Tensor:
-    key = (n, seed)
-    if key not in _PERMUTATIONS:
-        while len(_PERMUTATIONS) >= 32:  # a mixture reads several components' permutations in turn
-            _PERMUTATIONS.popitem(last=False)
-        _PERMUTATIONS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return _PERMUTATIONS[key]
-
-
 def load_local(
     data: DataSection, tokenizer, separator_id: int, block_len: int, eval_max_tokens: int
 ) -> LocalData:
@@ -193,37 +187,46 @@ def load_local(
     and pack the rest."""
     if data.mixture:
         return _load_mixture(data, tokenizer, separator_id, block_len)
-    spec = DataSpec.parse(data.train, data.text_field)
-    corpus = tokenize_corpus(tokenizer, dict(spec.documents()), separator_id)
-    total = corpus.ids.numel()
-    if data.eval is not None:
-        eval_ids, region = explicit_eval_ids(data, tokenizer, separator_id, eval_max_tokens)
-        end = total
-    else:
-        tail = math.ceil(total * data.heldout_fraction) if data.heldout_fraction else data.heldout_tokens or HELDOUT_TOKENS
-        end, eval_ids, region = _cut_tail(corpus.ids, tail, data.train, "data.heldout_tokens")
-    documents = split_documents(corpus.ids, corpus.starts, end)
-    sequences = pack(documents, separator_id, data.seq_len, block_len if data.block_aligned else None)
+    if data.eval is None:
+        sequences, held, end = _load_component(0, data, tokenizer, separator_id, block_len)
+    else:  # explicit held-out data: the whole corpus trains
+        corpus = _tokenize(data.train, data, tokenizer, separator_id)
+        end = corpus.ids.numel()
+        ids, region = explicit_eval_ids(data, tokenizer, separator_id, eval_max_tokens)
+        held = HeldOut(HELDOUT_SET, ids, region, "point data.eval at more text")
+        sequences = _pack(corpus, end, data, separator_id, block_len)
     logger.info("packed %d training tokens into %d sequences of %d", end, sequences.input_ids.shape[0], data.seq_len)
-    return LocalData(sequences=sequences, eval_ids=eval_ids, eval_region=region, train_tokens=end,
-                     heldout=[HeldOut(HELDOUT_SET, eval_ids, region)])
+    return LocalData(sequences=sequences, train_tokens=end, heldout=[held])
 
 
-def _cut_tail(ids: torch.Tensor, tail: int, where: str, knob: str) -> tuple[int, torch.Tensor, str]:
-    try:
-        train_ids, eval_ids = heldout_split(ids, tail)
-    except ValueError as err:
-        raise RecipeError(f"{where}: {err} Set {knob} lower, or hold out separate data.") from None
-    total = ids.numel()
-    return train_ids.numel(), eval_ids, f"held-out tail: the last {tail:,} of {total:,} tokens of {where}"
+def heldout_length(data: DataSection, index: int, total: int) -> tuple[int, str]:
+    """How many tokens training component ``index`` (0 for a single corpus) of ``total`` holds out, and
+    the recipe key that says so: its own ``heldout_tokens``, else ``data.heldout_fraction``, else
+    ``data.heldout_tokens`` (default :data:`HELDOUT_TOKENS`)."""
+    own = data.components[index].heldout_tokens
+    if own:
+        return own, f"data.train.{index}.heldout_tokens"
+    if data.heldout_fraction:
+        return math.ceil(total * data.heldout_fraction), "data.heldout_fraction"
+    return data.heldout_tokens or HELDOUT_TOKENS, "data.heldout_tokens"
+
+
+def _tokenize(spec_text: str, data: DataSection, tokenizer, separator_id: int):
+    return tokenize_corpus(tokenizer, dict(DataSpec.parse(spec_text, data.text_field).documents()), separator_id)
+
+
+def _pack(corpus, end: int, data: DataSection, separator_id: int, block_len: int) -> Batch:
+    """The documents of ``corpus`` before token ``end``, packed into training sequences."""
+    documents = split_documents(corpus.ids, corpus.starts, end)
+    return pack(documents, separator_id, data.seq_len, block_len if data.block_aligned else None)
 
 
 def _load_mixture(data: DataSection, tokenizer, separator_id: int, block_len: int) -> LocalData:
     """Each component tokenised and packed on its own, its tail held out; sequences concatenated."""
     total_weight = sum(c.weight for c in data.components)
     packed, components, heldout, first = [], [], [], 0
-    for c in data.components:
-        sequences, held, train_tokens = _load_component(c, data, tokenizer, separator_id, block_len)
+    for index, c in enumerate(data.components):
+        sequences, held, train_tokens = _load_component(index, data, tokenizer, separator_id, block_len)
         count = sequences.input_ids.shape[0]
         packed.append(sequences)
         components.append(Component(c.name, c.weight / total_weight, first, count, train_tokens))
@@ -232,28 +235,31 @@ def _load_mixture(data: DataSection, tokenizer, separator_id: int, block_len: in
         logger.info("mixture component %s: %d training tokens in %d sequences (weight %.3g)", c.name, train_tokens,
                     count, c.weight / total_weight)
     sequences = Batch(torch.cat([b.input_ids for b in packed]), torch.cat([b.labels for b in packed]))
-    return LocalData(sequences=sequences, eval_ids=heldout[0].ids, eval_region=heldout[0].region,
-                     train_tokens=sum(c.train_tokens for c in components), components=components, heldout=heldout)
+    return LocalData(sequences=sequences, train_tokens=sum(c.train_tokens for c in components), heldout=heldout,
+                     components=components)
 
 
-def _load_component(c: TrainComponent, data: DataSection, tokenizer, separator_id: int,
+def _load_component(index: int, data: DataSection, tokenizer, separator_id: int,
                     block_len: int) -> tuple[Batch, HeldOut, int]:
-    spec = DataSpec.parse(c.path, data.text_field)
-    corpus = tokenize_corpus(tokenizer, dict(spec.documents()), separator_id)
-    total = corpus.ids.numel()
-    if c.heldout_tokens:
-        tail, knob = c.heldout_tokens, f"data.train {c.name} heldout_tokens"
-    elif data.heldout_fraction:
-        tail, knob = math.ceil(total * data.heldout_fraction), "data.heldout_fraction"
-    else:
-        tail, knob = data.heldout_tokens or HELDOUT_TOKENS, "data.heldout_tokens"
-    end, eval_ids, region = _cut_tail(corpus.ids, tail, f"{c.name} ({c.path})", knob)
-    documents = split_documents(corpus.ids, corpus.starts, end)
+    """Training component ``index`` (a single corpus: 0): packed sequences before its held-out tail, the
+    tail, and how many tokens train."""
+    c = data.components[index]
+    corpus = _tokenize(c.path, data, tokenizer, separator_id)
+    tail, knob = heldout_length(data, index, corpus.ids.numel())
+    where = f"{c.name} ({c.path})" if data.mixture else c.path
     try:
-        sequences = pack(documents, separator_id, data.seq_len, block_len if data.block_aligned else None)
+        train_ids, eval_ids = heldout_split(corpus.ids, tail)
+    except ValueError as err:
+        raise RecipeError(f"{where}: {err} Set {knob} lower, or hold out separate data.") from None
+    end = train_ids.numel()
+    region = f"held-out tail: the last {tail:,} of {corpus.ids.numel():,} tokens of {where}"
+    try:
+        sequences = _pack(corpus, end, data, separator_id, block_len)
     except RecipeError as err:
+        if not data.mixture:
+            raise
         raise RecipeError(f"data.train {c.name}: {err}") from None
-    return sequences, HeldOut(c.name, eval_ids, region), end
+    return sequences, HeldOut(c.name, eval_ids, region, f"raise {knob}"), end
 
 
 class StreamingData:
@@ -315,16 +321,9 @@ class StreamingData:
         return batch
 
 
-def is_streamed(data: DataSection) -> bool:
-    """``data.streaming``; by default hub datasets stream and local files are read whole. A mixture is read whole."""
-    if data.mixture:
-        return False
-    return data.streaming if data.streaming is not None else DataSpec.parse(data.train, data.text_field).kind != "local"
-
-
 def require_heldout_source(data: DataSection, other_sets: int = 0) -> None:
     """Streamed training data has no held-out tail: it needs an explicit ``data.eval`` (or ``eval.sets``)."""
-    if is_streamed(data) and data.eval is None and not other_sets:
+    if data.streamed and data.eval is None and not other_sets:
         raise RecipeError(
             f"data.train {data.train} is streamed, so it has no held-out tail: set data.eval to a held-out split "
             "(e.g. the dataset's validation or test split), or list held-out sets in eval.sets."
@@ -345,17 +344,37 @@ def first_tokens(spec_text: str, text_field: str, tokenizer, separator_id: int, 
 
 def heldout_sets(recipe: Recipe, data: LocalData | None, tokenizer, separator_id: int) -> list[HeldOut]:
     """Every held-out set of ``recipe`` in :attr:`Recipe.eval_set_names` order, each cut to its ``max_tokens``:
-    the training data's own (``data``'s tails, or ``data.eval`` for streamed data), then ``eval.sets``."""
+    the training data's own (``data``'s tails, or ``data.eval`` for streamed data), then ``eval.sets``.
+
+    Raises :class:`RecipeError` for a set shorter than one eval window (it could not be scored), saying what
+    makes it longer.
+    """
     d, e = recipe.data, recipe.eval
     own: list[HeldOut] = []
     if data is not None:
         own = data.heldout
     elif d.eval is not None:
         ids, region = explicit_eval_ids(d, tokenizer, separator_id, e.max_tokens)
-        own = [HeldOut(HELDOUT_SET, ids, region)]
-    sets = [HeldOut(h.name, h.ids[: e.max_tokens], h.region) for h in own]
-    for extra in e.sets:
+        own = [HeldOut(HELDOUT_SET, ids, region, "point data.eval at more text")]
+    sets = [_cut(h, e.max_tokens, "eval.max_tokens") for h in own]
+    for i, extra in enumerate(e.sets):
         limit = extra.max_tokens or e.max_tokens
         ids = first_tokens(extra.data, extra.text_field or d.text_field, tokenizer, separator_id, limit)
-        sets.append(HeldOut(extra.name, ids[:limit], f"eval.sets {extra.name}: the first {limit:,} tokens of {extra.data}"))
+        region = f"eval.sets {extra.name}: the first {limit:,} tokens of {extra.data}"
+        held = HeldOut(extra.name, ids, region, f"point eval.sets.{i}.data at more text")
+        sets.append(_cut(held, limit, f"eval.sets.{i}.max_tokens" if extra.max_tokens else "eval.max_tokens"))
+    window = recipe.eval_seq_len
+    for held in sets:
+        if held.ids.numel() < window:
+            raise RecipeError(
+                f"the held-out set {held.name} holds {held.ids.numel():,} tokens, less than one eval window of "
+                f"{window} (eval.seq_len, else data.seq_len), so it cannot be scored: {held.remedy}, or lower eval.seq_len."
+            )
     return sets
+
+
+def _cut(held: HeldOut, limit: int, key: str) -> HeldOut:
+    """``held``'s first ``limit`` tokens; when the limit cuts it, ``key`` is what makes it longer."""
+    if held.ids.numel() <= limit:
+        return held
+    return HeldOut(held.name, held.ids[:limit], held.region, f"raise {key}")

@@ -40,10 +40,10 @@ from ..measure.perplexity import score
 from ..modeling import BlockTransformerForCausalLM
 from . import checkpoint
 from .build import apply_lora, count_parameters, exportable_model, load_model, load_teacher, lr_lambdas, parameter_groups
-from .data import Batch, HeldOut, LocalData, StreamingData, heldout_sets, is_streamed, load_local
+from .data import Batch, HeldOut, LocalData, StreamingData, heldout_sets, load_local
 from .losses import RecoveryLoss, teacher_dtype
 from .preflight import check_before_work, check_output_dir, micro_batch_size
-from .recipe import Recipe, RecipeError, validate
+from .recipe import HELDOUT_SET, Recipe, RecipeError, validate
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ class TrainerState:
     step: int = 0
     tokens: int = 0
     evals: list[dict] = field(default_factory=list)
-    reference: dict | None = None  # the source model scored on the primary held-out set: once per run
     references: dict | None = None  # the source model on every held-out set, by name: once per run
     data: dict | None = None  # the streamed data's position
     recipe: str = ""  # the recipe the run was started with; a resumed run warns when it differs
@@ -85,8 +84,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     loss: RecoveryLoss  # holds the frozen teacher when a distillation term needs it
     data: LocalData | StreamingData
-    eval_ids: torch.Tensor  # the primary held-out set's tokens (eval_ppl, the card's figure)
-    eval_region: str  # where they come from, in words
+    eval_sets: list[HeldOut]  # every held-out set, scored at each evaluation (at least one)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: TrainerState
@@ -94,7 +92,11 @@ class Run:
     micro_batch_size: int  # sequences per process per forward
     parameters: dict[str, int]
     checkpointed_step: int | None = None  # the step of the last checkpoint this run saved or resumed from
-    eval_sets: list[HeldOut] = field(default_factory=list)  # every held-out set, scored at each evaluation
+
+    @property
+    def primary(self) -> HeldOut:
+        """The held-out set reported as ``eval_ppl`` (the card's and the summary's figure)."""
+        return _primary(self.recipe, self.eval_sets)
 
     @property
     def metrics_path(self) -> Path:
@@ -192,17 +194,15 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
     accelerator.gradient_accumulation_steps = recipe.train.batch_size // (micro * accelerator.num_processes)
     steps = recipe.total_steps
 
+    block_len = blueprint.config.block_len
+    # the data before the model: a held-out set too short to score fails before any conversion
+    data, eval_sets = _load_data(recipe, blueprint.tokenizer, blueprint.separator_id, block_len)
     plain, tokenizer = load_model(recipe, blueprint)
-    block_len = plain.config.block_len
-    data, eval_sets = _load_data(recipe, tokenizer, blueprint.separator_id, block_len)
-    primary = _primary(recipe, eval_sets)
-    eval_ids, eval_region = primary.ids, primary.region
     resume_path = blueprint.resume_path
     # the source is scored once per run: a resumed run reuses the checkpoint's figures
-    references = _saved_references(checkpoint.read_state(resume_path), primary.name) if resume_path else {}
+    references = _saved_references(checkpoint.read_state(resume_path)) if resume_path else {}
     teacher, references = _teacher_and_reference(recipe, blueprint.teacher, references, eval_sets, block_len,
                                                  accelerator.device)
-    reference = references.get(primary.name)
 
     model = _trainable(plain, recipe)
     parameters = count_parameters(model)
@@ -218,11 +218,10 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
         recipe=recipe, recipe_name=recipe_name, accelerator=accelerator, model=model, plain=plain,
         tokenizer=tokenizer, loss=RecoveryLoss(recipe.distill, plain, teacher, blueprint.hidden_layers,
                                                teacher_dtype(accelerator.device, getattr(recipe.distill, "teacher_dtype", "auto"))),
-        data=data, eval_ids=eval_ids, eval_region=eval_region, optimizer=optimizer, scheduler=scheduler,
-        state=TrainerState(reference=reference, references=references or None, recipe=recipe.to_yaml()), total_steps=steps,
+        data=data, eval_sets=eval_sets, optimizer=optimizer, scheduler=scheduler,
+        state=TrainerState(references=references or None, recipe=recipe.to_yaml()), total_steps=steps,
         micro_batch_size=micro, parameters=parameters,
     )
-    run.eval_sets = eval_sets
     if resume_path is not None:
         _restore(run, resume_path)
     _open_metrics(run)
@@ -290,10 +289,8 @@ def evaluate(run: Run) -> dict:
     """Held-out perplexity of the model now on every held-out set: kept in the state (so in checkpoints)
     and in the metrics. ``eval_*`` are the primary set's; ``sets`` has each set's loss and perplexity."""
     state, block_len = run.state, run.plain.config.block_len
-    sets = run.eval_sets or [HeldOut(run.recipe.primary_eval_set or "held-out", run.eval_ids, run.eval_region)]
-    primary = _primary(run.recipe, sets).name
-    scores = {held.name: _score(run.model, held.ids, run.recipe, block_len, held.name) for held in sets}
-    result = scores[primary]
+    scores = {held.name: _score(run.model, held.ids, run.recipe, block_len, held.name) for held in run.eval_sets}
+    result = scores[run.primary.name]
     record = {"step": state.step, "tokens": state.tokens, "eval_loss": result["loss"],
               "eval_ppl": result["perplexity"], "eval_loss_by_block_position": result["loss_by_block_position"],
               "sets": {name: {"loss": r["loss"], "ppl": r["perplexity"]} for name, r in scores.items()}}
@@ -350,17 +347,17 @@ def save_uptrained(model: BlockTransformerForCausalLM, tokenizer: PreTrainedToke
 
 def summary(run: Run, replicas_checked: int) -> dict:
     """``uptraining_summary.json``: what was trained, how far, the figures, and on what."""
-    state, evals = run.state, run.state.evals
+    state, evals, primary = run.state, run.state.evals, run.primary
     return {
         "recipe": run.recipe_name,
         "method": _method(run.recipe),
         "steps": state.step,
         "tokens": state.tokens,
-        "eval_region": run.eval_region,
+        "eval_region": primary.region,
         "step0_ppl": evals[0]["eval_ppl"] if evals and evals[0]["step"] == 0 else None,
         "final_ppl": evals[-1]["eval_ppl"] if evals else None,
-        "source_ppl": (state.reference or {}).get("perplexity"),
-        "primary_eval_set": _primary(run.recipe, run.eval_sets).name if run.eval_sets else None,
+        "source_ppl": ((state.references or {}).get(primary.name) or {}).get("perplexity"),
+        "primary_eval_set": primary.name,
         "eval_sets": eval_sets_summary(run),
         "parameters": run.parameters,
         "num_processes": run.accelerator.num_processes,
@@ -405,7 +402,7 @@ def _load_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, separator_id:
                block_len: int) -> tuple[LocalData | StreamingData, list[HeldOut]]:
     """Training data, and every held-out set (each at most its ``max_tokens``) with where it comes from."""
     d = recipe.data
-    if is_streamed(d):
+    if d.streamed:
         data: LocalData | StreamingData = StreamingData(d, tokenizer, separator_id, block_len, recipe.train.seed)
         sets = heldout_sets(recipe, None, tokenizer, separator_id)
     else:
@@ -419,11 +416,12 @@ def _primary(recipe: Recipe, sets: list[HeldOut]) -> HeldOut:
     return next((h for h in sets if h.name == recipe.eval.primary), sets[0])
 
 
-def _saved_references(state: dict, primary: str) -> dict:
-    """The source's scores a checkpoint recorded, by set (a checkpoint from before named sets: its one figure)."""
+def _saved_references(state: dict) -> dict:
+    """The source's scores a checkpoint recorded, by set. A checkpoint from before named sets has one figure,
+    on its training data's held-out set: the set named ``held-out`` now (not whatever set is primary now)."""
     if state.get("references"):
         return dict(state["references"])
-    return {primary: state["reference"]} if state.get("reference") else {}
+    return {HELDOUT_SET: state["reference"]} if state.get("reference") else {}
 
 
 def _teacher_and_reference(recipe: Recipe, source: Source | None, references: dict, eval_sets: list[HeldOut], block_len: int,
@@ -470,7 +468,9 @@ def _restore(run: Run, path: Path) -> None:
 
 
 # where things are written and how often: a resumed run that changes these still trains the same weights
-_NO_EFFECT = ("output.", "checkpoint.", "train.log_every", "train.report_to", "eval.every")
+# and what is evaluated: the held-out sets, which is primary, how much of each
+_NO_EFFECT = ("output.", "checkpoint.", "train.log_every", "train.report_to", "eval.every", "eval.sets", "eval.primary",
+              "eval.max_tokens")
 
 
 def recipe_changes(saved: str, recipe: Recipe) -> list[str]:
@@ -511,8 +511,7 @@ def _due(every: int, run: Run) -> bool:
 
 
 def _score(model: nn.Module, eval_ids: torch.Tensor, recipe: Recipe, block_len: int, desc: str) -> dict:
-    seq_len = recipe.eval.seq_len or recipe.data.seq_len
-    return score(model, eval_ids, seq_len, batch_size=recipe.eval.batch_size, block_len=block_len, desc=desc).to_dict()
+    return score(model, eval_ids, recipe.eval_seq_len, batch_size=recipe.eval.batch_size, block_len=block_len, desc=desc).to_dict()
 
 
 def _log(run: Run, record: dict) -> None:

@@ -87,8 +87,13 @@ def plan(recipe: Recipe) -> dict:
 
 def _check_paths_and_services(recipe: Recipe, starts_fresh: bool) -> None:
     """Data paths, the checkpoint folder (for a fresh run: free), trackers, push credentials."""
-    for spec in recipe.data.train_specs:
-        DataSpec.parse(spec, recipe.data.text_field)
+    for c in recipe.data.components:
+        spec = DataSpec.parse(c.path, recipe.data.text_field)
+        if recipe.data.mixture and spec.kind != "local":
+            raise RecipeError(
+                f"data.train {c.name}: {c.path} is a hub dataset, but a mixture component must be a local "
+                "file/folder/glob; to train on a hub dataset, stream it as the single data.train."
+            )
     if recipe.data.eval:
         DataSpec.parse(recipe.data.eval, recipe.data.text_field)
     for held in recipe.eval.sets:

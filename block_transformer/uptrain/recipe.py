@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..convert.init_names import DEFAULT_INIT, INITS
+from ..data_spec import is_local
 from ..dtypes import DTYPES
 from ..errors import BlockTransformerError
 
@@ -107,8 +108,9 @@ share of the chunk (largest remainder), shuffled: see :mod:`block_transformer.up
 
 
 class TrainComponent(_Section):
-    """One part of a training mixture: a local data spec, its weight (share of the training sequences),
-    and its held-out tail, scored as an eval set under ``name``."""
+    """One part of a training mixture: a local data spec (a hub dataset is refused by the preflight: it
+    would be read whole), its weight (share of the training sequences), and its held-out tail, scored as
+    an eval set under ``name``."""
 
     name: SetName
     path: str
@@ -151,9 +153,13 @@ class DataSection(_Section):
                              "stream a single corpus instead")
         total = sum(c.weight for c in self.train)
         for c in self.train:
-            if c.weight / total < 1 / (2 * MIXTURE_CHUNK):
-                raise ValueError(f"data.train {c.name}: weight {c.weight:g} is {c.weight / total:.2e} of the total, "
-                                 f"less than one sequence in {MIXTURE_CHUNK}, so it would never be drawn: raise it")
+            share = c.weight / total
+            if share < 1 / (2 * MIXTURE_CHUNK):
+                raise ValueError(
+                    f"data.train {c.name}: weight {c.weight:g} is {share:.2e} of the total, less than half a sequence "
+                    f"in {MIXTURE_CHUNK}, yet every chunk of {MIXTURE_CHUNK} sequences draws each component at least "
+                    f"once, so it would be drawn {1 / (MIXTURE_CHUNK * share):.0f}x as often as its weight says: "
+                    "raise it, or drop the component")
         return self
 
     @property
@@ -170,6 +176,13 @@ class DataSection(_Section):
     @property
     def train_specs(self) -> list[str]:
         return [c.path for c in self.components]
+
+    @property
+    def streamed(self) -> bool:
+        """``streaming``; by default hub datasets stream and local files are read whole. A mixture is read whole."""
+        if self.mixture:
+            return False
+        return self.streaming if self.streaming is not None else not is_local(self.train)
 
 
 class TrainSection(_Section):
@@ -296,14 +309,34 @@ class Recipe(_Section):
         if d.mixture:
             own = [c.name for c in d.components]
         else:
-            streamed = d.streaming if d.streaming is not None else _looks_like_hub(d.train)
-            own = [] if streamed and d.eval is None else [HELDOUT_SET]
+            own = [] if d.streamed and d.eval is None else [HELDOUT_SET]
         return own + [s.name for s in self.eval.sets]
 
     @property
     def primary_eval_set(self) -> str | None:
         names = self.eval_set_names
         return self.eval.primary or (names[0] if names else None)
+
+    @property
+    def eval_seq_len(self) -> int:
+        """The eval window: ``eval.seq_len``, else ``data.seq_len``. A held-out set needs at least one."""
+        return self.eval.seq_len or self.data.seq_len
+
+    @model_validator(mode="after")
+    def _held_out_sets_fill_a_window(self) -> Recipe:
+        """The held-out sizes known now each hold one eval window (the data's own size is checked once read)."""
+        window, d = self.eval_seq_len, self.data
+        sizes = [("eval.max_tokens", self.eval.max_tokens)]
+        sizes += [(f"eval.sets.{i}.max_tokens", s.max_tokens) for i, s in enumerate(self.eval.sets)]
+        if not (d.mixture and all(c.heldout_tokens for c in d.components)):  # else no component uses it
+            sizes.append(("data.heldout_tokens", d.heldout_tokens))
+        if d.mixture:
+            sizes += [(f"data.train.{i}.heldout_tokens", c.heldout_tokens) for i, c in enumerate(d.components)]
+        for key, size in sizes:
+            if size is not None and size < window:
+                raise ValueError(f"{key} {size} is less than one eval window of {window} tokens (eval.seq_len, else "
+                                 f"data.seq_len): raise {key} to at least {window}, or lower eval.seq_len.")
+        return self
 
     @model_validator(mode="after")
     def _warmup_within_the_run(self) -> Recipe:
@@ -313,6 +346,10 @@ class Recipe(_Section):
                 f"train.warmup_steps {warmup} is longer than the run ({self.total_steps} steps): "
                 "lower it, or use train.warmup_fraction."
             )
+        return self
+
+    @model_validator(mode="after")
+    def _freeze_within_the_run(self) -> Recipe:
         frozen = self.train.freeze_pretrained_steps
         if frozen > self.total_steps:
             raise ValueError(
@@ -333,12 +370,6 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _looks_like_hub(spec: str) -> bool:
-    from ..data_spec import _is_local
-
-    return not _is_local(spec)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
