@@ -256,3 +256,35 @@ def test_generate_batch_with_remote_code(tmp_path):
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == repr(expected)
+
+
+def test_result_handlers_on_an_event_loop():
+    """register_result_handler, as `transformers serve --continuous-batching` uses it: outputs reach the
+    callback on the asyncio loop, also those delivered before the handler was registered."""
+    import asyncio
+
+    model = converted("llama", block_len=4)
+    requests = [dict(input_ids=p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts(5)[:3], (6, 2, 9))]
+    expected = [r.generated_tokens for r in model.generate_batch(requests, max_batch_size=2).values()]
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        with model.continuous_batching_context_manager(max_batch_size=2) as manager:
+            futures, streamed = [], {}
+            for i, request in enumerate(requests):
+                future = loop.create_future()
+                request_id = manager.add_request(**request, request_id=f"r{i}", streaming=True)
+                streamed[request_id] = []
+
+                def on_output(output, future=future, seen=streamed[request_id]):
+                    seen.append(len(output.generated_tokens))
+                    if output.is_finished():
+                        future.set_result(output)
+
+                manager.register_result_handler(request_id, on_output)
+                futures.append(future)
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout=60), streamed
+
+    results, streamed = asyncio.run(serve())
+    assert [r.generated_tokens for r in results] == expected
+    assert [streamed[f"r{i}"] for i in range(3)] == [list(range(1, n + 1)) for n in (6, 2, 9)]

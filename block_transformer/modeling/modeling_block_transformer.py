@@ -19,6 +19,7 @@ returned separately as ``first_token_logits`` and is not part of ``loss``.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import functools
@@ -876,7 +877,8 @@ class BlockTransformerBatchingManager:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self.error: BaseException | None = None
+        self._handlers: dict[str, tuple[Callable, object]] = {}  # request id -> (callback, event loop)
+        self.background_thread_status = _ThreadStatus()  # .fatal_error: what stopped the background thread
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -903,7 +905,9 @@ class BlockTransformerBatchingManager:
             raise ValueError("a request needs at least one prompt token.")
         overrides = {k: v for k, v in dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).items() if v is not None}
         # generate()'s own merge: these settings > the manager's config > the model's > transformers' defaults
-        config, unused = self.model._prepare_generation_config(self.generation_config, **overrides, **generation_kwargs)
+        config = copy.deepcopy(self.generation_config) if self.generation_config is not None else GenerationConfig()
+        unused = config.update(**overrides, **generation_kwargs)
+        config, _ = self.model._prepare_generation_config(config)
         if unused:
             raise ValueError(f"unknown generation settings for a request: {sorted(unused)}.")
         config.validate()
@@ -978,6 +982,25 @@ class BlockTransformerBatchingManager:
                 if result.is_finished():
                     return
 
+    def register_result_handler(self, request_id: str, callback: Callable[[GenerationOutput], None]) -> None:
+        """Deliver a request's outputs to ``callback`` on the running asyncio event loop (as transformers'
+        manager does; ``transformers serve --continuous-batching`` relies on it). Outputs already queued for
+        the request are handed over too; the handler is dropped once the request is finished."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._handlers[request_id] = (callback, loop)
+            queued = []
+            while True:
+                try:
+                    queued.append(self.output_queue.get_nowait())
+                except queue.Empty:
+                    break
+            for output in queued:
+                if output.request_id == request_id:
+                    self._dispatch(output)
+                else:
+                    self.output_queue.put(output)
+
     def has_pending_requests(self) -> bool:
         return bool(self._rows) or bool(self._waiting) or not self.input_queue.empty()
 
@@ -1016,7 +1039,7 @@ class BlockTransformerBatchingManager:
                 try:
                     self.step()
                 except Exception as error:  # a failed step fails every request it holds, not silently
-                    self.error = error
+                    self.background_thread_status.fatal_error = error
                     self._fail_all(error)
                     return
 
@@ -1167,8 +1190,24 @@ class BlockTransformerBatchingManager:
                                          timestamps=None if output.timestamps is None else list(output.timestamps))
         if request.callback is not None:
             request.callback(output)
-        else:
-            self.output_queue.put(output)
+            return
+        with self._lock:
+            if output.request_id in self._handlers:
+                self._dispatch(output)
+            else:
+                self.output_queue.put(output)
+
+    def _dispatch(self, output: GenerationOutput) -> None:
+        """To the request's registered handler, on its event loop (caller holds the lock)."""
+        callback, loop = self._handlers[output.request_id]
+        if output.is_finished():
+            del self._handlers[output.request_id]
+        loop.call_soon_threadsafe(callback, output)
+
+
+@dataclass
+class _ThreadStatus:
+    fatal_error: BaseException | None = None
 
 
 __all__ = [
