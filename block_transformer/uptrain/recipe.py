@@ -4,8 +4,8 @@ Every section is a pydantic model that forbids unknown keys, so a typo (``lernin
 that names the key and the closest valid one instead of a silently ignored setting. Types are strict
 and numbers finite (``batch_size: true`` is not 1, ``lr: .inf`` is not a learning rate), so a value
 that would fail or misbehave steps into the run is refused here. Values that cannot work together
-(two budgets, a held-out size beside an explicit eval set, a warmup longer than the run) are errors
-too; an eval or checkpoint interval longer than the run is a warning. ``data.train`` is one data spec
+(two budgets, a held-out size beside an explicit eval set or below one eval window, a warmup longer
+than the run) are errors too; an eval or checkpoint interval longer than the run is a warning. ``data.train`` is one data spec
 or a mixture (a list of ``{name, path, weight}``, each component holding out its own tail);
 ``eval.sets`` adds named held-out sets; names are unique over both (they key metrics and summary). What depends on the model
 (``data.seq_len`` against its block length, the split, the separator) is checked by
