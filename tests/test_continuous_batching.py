@@ -14,7 +14,7 @@ from block_transformer import export
 from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.modeling import BlockTransformerCache
-from block_transformer.modeling.modeling_block_transformer import RequestStatus
+from block_transformer.modeling.batching_block_transformer import RequestStatus
 from conftest import VOCAB, tiny_source, tiny_tokenizer
 
 PROMPT_LENGTHS = (1, 23, 5, 40, 2, 9, 14, 3, 31, 7, 4, 18)  # every phase for L_B 3 and 4, very different lengths

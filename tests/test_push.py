@@ -224,6 +224,7 @@ def damage_weights(folder: Path) -> None:
         (damage_weights, ["weights missing prefix", "wrong shape for embedder"]),
         (lambda f: (f / "tokenizer.json").unlink(), ["no tokenizer"]),
         (lambda f: (f / "modeling_block_transformer.py").unlink(), ["modeling_block_transformer.py", "missing"]),
+        (lambda f: (f / "batching_block_transformer.py").unlink(), ["batching_block_transformer.py", "missing"]),
         (lambda f: (f / "README.md").unlink(), ["no README.md"]),
         (lambda f: (f / "README.md").write_text("# no metadata\n"), ["no hub metadata"]),
         (lambda f: (f / "config.json").write_text(json.dumps({

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 MAX_SHARD_SIZE = "2GB"
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
-MODELING_FILES = ("configuration_block_transformer.py", "modeling_block_transformer.py")
+MODELING_FILES = ("configuration_block_transformer.py", "modeling_block_transformer.py", "batching_block_transformer.py")
 
 
 def save_model_folder(

@@ -68,16 +68,23 @@ def _check_config(folder: Path, problems: list[str]) -> PretrainedConfig | None:
     for auto in ("AutoConfig", "AutoModelForCausalLM"):
         if auto not in auto_map:
             problems.append(f"config.json has no auto_map entry for {auto}")
-    for reference in auto_map.values():
-        module = str(reference).split("--")[-1].rsplit(".", 1)[0]
+    modules = [str(reference).split("--")[-1].rsplit(".", 1)[0] for reference in auto_map.values()]
+    checked: set[str] = set()
+    while modules:  # the auto_map modules and every module they import relatively (it must ship too)
+        module = modules.pop()
+        if module in checked:
+            continue
+        checked.add(module)
         code = folder / f"{module}.py"
         if not code.is_file():
-            problems.append(f"modeling file {code.name} (named in auto_map) is missing")
+            problems.append(f"modeling file {code.name} (named in auto_map or imported by its code) is missing")
             continue
         try:
-            ast.parse(code.read_text(encoding="utf-8"))
+            tree = ast.parse(code.read_text(encoding="utf-8"))
         except SyntaxError as err:
             problems.append(f"{code.name} does not parse (line {err.lineno})")
+            continue
+        modules += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module]
     for name, value in raw.items():  # a nested auto_map names remote code that never ships with this folder
         if isinstance(value, dict) and "auto_map" in value:
             problems.append(f"config.json's {name} has an auto_map naming modules the folder does not ship")
