@@ -229,3 +229,16 @@ def test_a_bf16_teacher_gives_nearly_the_fp32_losses(pair):
     torch.testing.assert_close(bf16.ce, fp32.ce)
     torch.testing.assert_close(bf16.kl, fp32.kl, rtol=0.05, atol=1e-3)
     torch.testing.assert_close(bf16.hidden, fp32.hidden, rtol=0.05, atol=1e-3)
+
+
+@pytest.mark.parametrize("choice", ["float32", "bfloat16"])
+def test_the_recipe_chooses_the_teacher_dtype_and_the_summary_records_it(tmp_path, choice):
+    """Regression: distill.teacher_dtype did not exist (loop.py read it with a getattr default), so a run could
+    not opt out of the bf16 teacher, and nothing recorded which dtype the teacher ran in."""
+    from block_transformer.uptrain import loop
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, **{"distill.hidden_weight": 1.0, "distill.teacher_dtype": choice})
+    run = loop.setup(recipe)
+    assert next(run.loss.teacher.parameters()).dtype == getattr(torch, choice)
+    assert loop.summary(run, 1)["teacher_dtype"] == choice

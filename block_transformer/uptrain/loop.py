@@ -217,7 +217,7 @@ def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe"
     run = Run(
         recipe=recipe, recipe_name=recipe_name, accelerator=accelerator, model=model, plain=plain,
         tokenizer=tokenizer, loss=RecoveryLoss(recipe.distill, plain, teacher, blueprint.hidden_layers,
-                                               teacher_dtype(accelerator.device, getattr(recipe.distill, "teacher_dtype", "auto"))),
+                                               teacher_dtype(accelerator.device, recipe.distill.teacher_dtype)),
         data=data, eval_sets=eval_sets, optimizer=optimizer, scheduler=scheduler,
         state=TrainerState(references=references or None, recipe=recipe.to_yaml()), total_steps=steps,
         micro_batch_size=micro, parameters=parameters,
@@ -351,6 +351,7 @@ def summary(run: Run, replicas_checked: int) -> dict:
     return {
         "recipe": run.recipe_name,
         "method": _method(run.recipe),
+        "teacher_dtype": None if run.loss.teacher is None else str(next(run.loss.teacher.parameters()).dtype).removeprefix("torch."),
         "steps": state.step,
         "tokens": state.tokens,
         "eval_region": primary.region,
