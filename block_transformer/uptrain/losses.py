@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..convert.mapping import LayerMapping
 from ..modeling import BlockTransformerForCausalLM
 from .build import decoder_layers
 from .data import IGNORE
@@ -175,10 +176,7 @@ def capture_outputs(layers: dict[int, torch.nn.Module], stop_after: torch.nn.Mod
 def source_layer(config, j: int) -> int:
     """The source layer whose weights became token-decoder layer j (1-based): the recorded layer mapping
     (``conversion["token_layers"]``), else the partition's N_b + j - 1."""
-    token_layers = (config.conversion or {}).get("token_layers")
-    if token_layers is not None:
-        return int(token_layers[j - 1])
-    return config.block_decoder_config.num_hidden_layers + j - 1
+    return LayerMapping.from_config(config).token[j - 1]
 
 
 @cache
