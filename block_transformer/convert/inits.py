@@ -1,4 +1,4 @@
-"""Initialisation of the modules conversion adds (docs/design.md §4): the first quality lever.
+"""Initialisation of the modules conversion adds (docs/design.md §5): the first quality lever.
 
 ``reference`` — the reference code's uptraining init: the block embedder is the mean of its token
 embeddings, every prefix slot is the context embedding (identity), and the token decoder reads the
