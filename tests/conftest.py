@@ -61,6 +61,25 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch (pad id 7): (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), 7)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    return ids, mask
+
+
+def steps_before_near_tie(model, sequence: torch.Tensor, prompt_len: int, margin: float = 1e-4) -> int:
+    """Greedy steps before the first near-tie: past one, batched and single runs may legitimately differ."""
+    with torch.no_grad():
+        logits = model(sequence[None]).logits[0, prompt_len - 1 : -1]
+    top2 = logits.topk(2, dim=-1).values
+    near_ties = ((top2[:, 0] - top2[:, 1]) <= margin).nonzero()
+    return int(near_ties[0]) if len(near_ties) else logits.shape[0]
+
+
 def assert_one_line_error(result, *fragments: str) -> None:
     """A CLI failure is exactly one ``Error:`` line (containing each fragment) and a non-zero exit code."""
     assert result.exit_code != 0

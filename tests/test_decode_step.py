@@ -11,7 +11,7 @@ from block_transformer.convert.convert import convert_model
 from block_transformer.convert.coverage import tiny_config
 from block_transformer.convert.coverage import tiny_source as source_from_config
 from block_transformer.modeling import BlockTransformerCache
-from conftest import VOCAB, tiny_source
+from conftest import VOCAB, left_padded, steps_before_near_tie, tiny_source
 
 BLOCK_LEN = 4
 EVERY_PHASE = (9, 4, 6, 11, 5, 7, 13, 8, 10)  # rows at every offset in a block, some sharing one
@@ -22,15 +22,6 @@ def converted(source, num_prefix_tokens: int = 2, attn: str = "sdpa", block_len:
     model = convert_model(source, mapping, block_len, num_prefix_tokens=num_prefix_tokens, separator_id=0)
     model.set_attn_implementation(attn)
     return model.eval()
-
-
-def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), 7)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
-    return ids, mask
 
 
 def decode(model, prompts: list[torch.Tensor], continuation: torch.Tensor, on_step=None) -> torch.Tensor:
@@ -143,14 +134,6 @@ def test_packed_steps_with_sliding_and_global_layers():
     assert_cached_equals_full(model, EVERY_PHASE, steps=6)
 
 
-def _steps_before_near_tie(model, sequence: torch.Tensor, prompt_len: int, margin: float = 1e-4) -> int:
-    with torch.no_grad():
-        logits = model(sequence[None]).logits[0, prompt_len - 1 : -1]
-    top2 = logits.topk(2, dim=-1).values
-    near_ties = ((top2[:, 0] - top2[:, 1]) <= margin).nonzero()
-    return int(near_ties[0]) if len(near_ties) else logits.shape[0]
-
-
 @pytest.mark.parametrize("num_prefix_tokens", [2, 3])
 def test_greedy_batch_at_every_phase_equals_each_row_alone(num_prefix_tokens):
     model = converted(tiny_source("qwen2"), num_prefix_tokens)
@@ -162,7 +145,7 @@ def test_greedy_batch_at_every_phase_equals_each_row_alone(num_prefix_tokens):
     compared = 0
     for i, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], **settings)[0]
-        steps = _steps_before_near_tie(model, alone, len(prompt))
+        steps = steps_before_near_tie(model, alone, len(prompt))
         assert torch.equal(batched[i, ids.shape[1] :][:steps], alone[len(prompt) :][:steps])
         compared += steps
     assert compared >= 60, "too many near-ties to compare: pick another seed"

@@ -9,7 +9,7 @@ from transformers import TextIteratorStreamer
 from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
 from block_transformer.modeling import BlockTransformerCache
-from conftest import VOCAB, tiny_source, tiny_tokenizer
+from conftest import VOCAB, left_padded, steps_before_near_tie, tiny_source, tiny_tokenizer
 
 BLOCK_LEN = 3
 
@@ -20,15 +20,6 @@ def converted(model_type: str, block_len: int = BLOCK_LEN, attn: str = "sdpa"):
     model = convert_model(source, LayerMapping.partition(2, 2), block_len, separator_id=0)
     model.set_attn_implementation(attn)
     return model
-
-
-def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), 7)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
-    return ids, mask
 
 
 def teacher_forced(model, prompts: list[torch.Tensor], continuation: torch.Tensor):
@@ -86,15 +77,6 @@ def test_sliding_window_in_the_cache():
             torch.testing.assert_close(cached[i], full[len(prompt) - 1 :], atol=2e-5, rtol=1e-5)
 
 
-def _steps_before_near_tie(model, sequence: torch.Tensor, prompt_len: int, margin: float = 1e-4) -> int:
-    """Greedy steps before the first near-tie: past one, batched and single runs may legitimately differ."""
-    with torch.no_grad():
-        logits = model(sequence[None]).logits[0, prompt_len - 1 : -1]
-    top2 = logits.topk(2, dim=-1).values
-    near_ties = ((top2[:, 0] - top2[:, 1]) <= margin).nonzero()
-    return int(near_ties[0]) if len(near_ties) else logits.shape[0]
-
-
 def test_greedy_batched_equals_one_by_one(model_type):
     model = converted(model_type)
     torch.manual_seed(2)
@@ -104,7 +86,7 @@ def test_greedy_batched_equals_one_by_one(model_type):
     compared = 0
     for i, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=0)[0]
-        steps = _steps_before_near_tie(model, alone, len(prompt))
+        steps = steps_before_near_tie(model, alone, len(prompt))
         assert torch.equal(batched[i, ids.shape[1] :][:steps], alone[len(prompt) :][:steps])
         compared += steps
     assert compared >= 30, "too many near-ties to compare: pick another seed"
