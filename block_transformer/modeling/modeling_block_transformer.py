@@ -360,11 +360,6 @@ def cache_kwarg(decoder: nn.Module) -> str:
     return _cache_kwarg_of(type(decoder))
 
 
-def _rows_where(selected: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the selected rows, or None when every row is selected (no gather needed)."""
-    return None if bool(selected.all()) else selected.nonzero(as_tuple=True)[0]
-
-
 def _build_decoder(sub_config, final_norm: str | None) -> PreTrainedModel:
     """The family's own base model, minus its vocabulary table (we own one shared table).
 
@@ -606,23 +601,25 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         offset = cache.num_tokens % block_len
         cache.current_block[torch.arange(batch, device=token.device), offset] = token
         completes = offset == block_len - 1
+        n_complete = int(completes.sum())  # the step's one host sync on the row phases
         prefix = None
-        if bool(completes.any()):
-            rows = _rows_where(completes)
+        if n_complete:
+            rows = None if n_complete == batch else completes.nonzero(as_tuple=True)[0]  # None: all, no gather
             block_ids = cache.current_block if rows is None else cache.current_block[rows]
             blocks = self.embed_blocks(block_ids, torch.ones_like(block_ids, dtype=torch.bool)).unsqueeze(1)
             write_at = 1 + cache.num_tokens[completes] // block_len  # block k sits at block position k + 1
             layout = KVLayout.per_row(rows, write_at.unsqueeze(1), batch)
             context = self._run_decoder(self.block_decoder, blocks, layout.slots, cache.block, layout)
             prefix = self.expand_prefix(context[:, 0])
-        inputs, layout, take = self._token_step_layout(token, offset, completes, prefix)
+        inputs, layout, take = self._token_step_layout(token, offset, completes, n_complete, prefix)
         hidden = self._run_decoder(self.token_decoder, inputs, layout.slots, cache.token, layout).flatten(0, 1)
         hidden = hidden[take]
         cache.num_tokens += 1
         return BlockTransformerCausalLMOutput(logits=self.logits(hidden).unsqueeze(1), past_key_values=cache)
 
     def _token_step_layout(
-        self, token: torch.Tensor, offset: torch.Tensor, completes: torch.Tensor, prefix: torch.Tensor | None
+        self, token: torch.Tensor, offset: torch.Tensor, completes: torch.Tensor, n_complete: int,
+        prefix: torch.Tensor | None,
     ) -> tuple[torch.Tensor, KVLayout, torch.Tensor]:
         """The token-decoder input of a decode step for every row at once: (inputs [C, W, D], their layout,
         the flat index of each row's predicting state in the [C * W] outputs).
@@ -636,7 +633,6 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         n_prefix = self.config.num_prefix_tokens
         device = token.device
         batch = token.shape[0]
-        n_complete = int(completes.sum())
         if n_complete == batch:  # every row starts a block
             slots = torch.arange(n_prefix, device=device).expand(batch, -1)
             take = torch.arange(batch, device=device) * n_prefix + n_prefix - 1
