@@ -255,6 +255,8 @@ Examples:
   bt-bench smollm2-bt --baseline ~/.cache/block-transformer/demo/SmolLM2-135M-Instruct.Q4_1.gguf --preset cpu
   bt-bench gpt2-bt --baseline gpt2 --batch-size 8 --batch-size 32 --prompt-len 512 --new-tokens 128 --ragged
   bt-bench pythia-bt --baseline EleutherAI/pythia-410m --preset prefill-heavy --preset decode-heavy --dtype bfloat16
+  bt-bench smollm2-bt --baseline SmolLM2-135M-Instruct.Q4_1.gguf --workload --requests 64 --batch-size 16 \\
+      --prompt-len 128 --new-tokens 128
 """
 )
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -264,6 +266,13 @@ Examples:
 @click.option("--new-tokens", "new_tokens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 128]")
 @click.option("--preset", "presets", type=click.Choice(list(PRESETS)), multiple=True, help=_preset_help())
 @click.option("--ragged", is_flag=True, help="Also run each setting with prompt lengths spread over [P/2, P].")
+@click.option("--workload", is_flag=True,
+              help="Serve --requests requests instead: prompt lengths log-normal (median --prompt-len, sigma 0.75, "
+                   "clipped to [8, 4x]), max_new_tokens uniform over [N/8, N] (N = --new-tokens), --batch-size rows "
+                   "at once; BT's continuous batcher vs the source's (transformers) and its static batching.")
+@click.option("--requests", type=click.IntRange(min=1), default=64, show_default=True, help="Requests of a --workload.")
+@click.option("--arrival-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Poisson arrivals, requests/s, for --workload [default: all arrive at once, in random order].")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed calls per measurement (median).")
 @click.option("--threads", type=int, default=None, help="torch threads [default: all cores].")
@@ -272,33 +281,48 @@ Examples:
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the full record here.")
 @click.option("--update-card", is_flag=True, help="Add the measured ratios to MODEL's model card.")
 @friendly_errors
-def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ragged, repeats, threads, dtype, device,
-              json_out, update_card):
+def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ragged, workload, requests, arrival_rate,
+              repeats, threads, dtype, device, json_out, update_card):
     """Batch-generation throughput of MODEL (a converted folder) against its source, side by side.
 
     The source runs transformers' own generate() with its default dynamic cache and with
-    cache_implementation="static"; same prompts, dtype and device; eos disabled; warm-up first. Each
-    model and setting runs in its own process, so peak memory is its own.
+    cache_implementation="static"; same prompts, dtype and device; eos disabled; a warm-up call of the full
+    measured size first, then the median of --repeats calls. Each model and setting runs in its own process,
+    so peak memory is its own. With --workload, requests of different sizes are served with a row budget
+    (requests/s, generated tokens/s, time to first token and inter-token latency p50/p95).
     """
     import itertools
     import json
 
-    from .bench.run import format_table, run_benchmark
+    from .bench.run import format_table, run_benchmark, run_workload_benchmark
     from .bench.settings import Setting
+    from .bench.workload import Workload
     from .export import add_bench_rows, write_text_atomic
 
     setup_logging(False)
-    pairs = [pair for preset in presets for pair in PRESETS[preset]]
-    if prompt_lens or new_tokens or not pairs:
-        pairs += list(itertools.product(prompt_lens or (1024,), new_tokens or (128,)))
-    settings = [
-        Setting(batch, prompt, new, ragged=is_ragged)
-        for batch in (batch_sizes or (32,))
-        for prompt, new in pairs
-        for is_ragged in ((False, True) if ragged else (False,))
-    ]
-    record = run_benchmark(str(model), baseline, settings, repeats=repeats, threads=threads, dtype=dtype,
-                           device=device)
+    if workload:
+        several = [name for name, values in (("--batch-size", batch_sizes), ("--prompt-len", prompt_lens),
+                                              ("--new-tokens", new_tokens)) if len(values) > 1]
+        clashing = [name for name, used in (("--preset", presets), ("--ragged", ragged), ("--update-card", update_card))
+                    if used] + [f"{name} (more than once)" for name in several]
+        if clashing:
+            raise click.UsageError(f"--workload takes one --batch-size, --prompt-len and --new-tokens; drop {', '.join(clashing)}.")
+        spec = Workload(requests=requests, rows=(batch_sizes or (32,))[0], prompt_len=(prompt_lens or (256,))[0],
+                        new_tokens=(new_tokens or (128,))[0], arrival_rate=arrival_rate)
+        record = run_workload_benchmark(str(model), baseline, spec, repeats=repeats, threads=threads, dtype=dtype,
+                                        device=device)
+    else:
+        pairs = [pair for preset in presets for pair in PRESETS[preset]]
+        if prompt_lens or new_tokens or not pairs:
+            pairs += list(itertools.product(prompt_lens or (1024,), new_tokens or (128,)))
+        settings = [
+            Setting(batch, prompt, new, ragged=is_ragged)
+            for batch in (batch_sizes or (32,))
+            for prompt, new in pairs
+            for is_ragged in ((False, True) if ragged else (False,))
+        ]
+        record = run_benchmark(str(model), baseline, settings, repeats=repeats, threads=threads, dtype=dtype,
+                               device=device)
     click.echo(format_table(record))
     if json_out:
         write_text_atomic(json_out, json.dumps(record, indent=2))

@@ -16,6 +16,7 @@ from .. import environment
 from ..errors import BlockTransformerError
 from ..sources import resolve_source
 from .settings import Setting
+from .workload import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,13 @@ RATIO_KEYS = ("whole_call_tokens_per_s", "decode_tokens_per_s")
 INVERSE_RATIO_KEYS = ("time_to_first_token_s", "peak_rss_bytes", "kv_cache_bytes_per_sequence")
 
 
-def _worker(kind: str, spec: str, setting: Setting, dtype: str, device: str, threads: int, repeats: int,
-            cache_implementation: str | None) -> dict:
+def _worker(kind: str, spec: str, what: list[str], dtype: str, device: str, threads: int, repeats: int) -> dict:
+    """Run one measurement in a fresh process; ``what`` is ``--setting JSON [--cache-implementation X]`` or
+    ``--workload JSON --mode M``."""
     cmd = [
-        sys.executable, "-m", "block_transformer.bench.worker",
-        "--kind", kind, "--model", spec, "--setting", json.dumps(asdict(setting)), "--dtype", dtype,
-        "--device", device, "--threads", str(threads), "--repeats", str(repeats),
+        sys.executable, "-m", "block_transformer.bench.worker", "--kind", kind, "--model", spec, *what,
+        "--dtype", dtype, "--device", device, "--threads", str(threads), "--repeats", str(repeats),
     ]
-    if cache_implementation:
-        cmd += ["--cache-implementation", cache_implementation]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
@@ -45,6 +44,29 @@ def _worker(kind: str, spec: str, setting: Setting, dtype: str, device: str, thr
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         raise BlockTransformerError(f"benchmark worker for {spec} ({kind}) failed: {tail[0]}")
     return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+
+def _check_inputs(model: str, baseline: str, dtype: str | None, device: str | None, threads: int | None):
+    """Fail on a bad folder or a missing baseline before any benchmark; resolve dtype, device and threads."""
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        raise BlockTransformerError(f"{model} is not a converted model folder (no config.json): run bt-convert first.")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "block_transformer":
+        raise BlockTransformerError(f"{model} is not a Block Transformer folder (model_type {config.get('model_type')!r}).")
+    resolve_source(baseline)  # a missing baseline fails now, not after the model's benchmark
+    dtype = dtype or config.get("dtype") or "float32"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dtype, device, threads or torch.get_num_threads()
+
+
+def _record(model: str, baseline: str, dtype: str, device: str, threads: int, repeats: int, before: dict,
+            rows: list) -> dict:
+    return {
+        "benchmark": "bt-bench", "model": model, "baseline": baseline, "dtype": dtype, "device": device,
+        "threads": threads, "repeats": repeats, "environment": before, "load_after": environment.machine_load(),
+        "rows": rows,
+    }
 
 
 def run_benchmark(
@@ -57,16 +79,7 @@ def run_benchmark(
     device: str | None = None,
 ) -> dict:
     """Measure model and baseline on every setting; returns the full record (ratios BT / vanilla)."""
-    config_path = Path(model) / "config.json"
-    if not config_path.is_file():
-        raise BlockTransformerError(f"{model} is not a converted model folder (no config.json): run bt-convert first.")
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") != "block_transformer":
-        raise BlockTransformerError(f"{model} is not a Block Transformer folder (model_type {config.get('model_type')!r}).")
-    resolve_source(baseline)  # a missing baseline fails now, not after the model's benchmark
-    dtype = dtype or config.get("dtype") or "float32"
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    threads = threads or torch.get_num_threads()
+    dtype, device, threads = _check_inputs(model, baseline, dtype, device, threads)
     before = environment.describe(device, threads)
     environment.warn_if_busy(before)
     rows = []
@@ -75,21 +88,59 @@ def run_benchmark(
         for label, kind, cache in VARIANTS:
             spec = model if kind == "block_transformer" else baseline
             logger.info("%s: %s", setting.name, label)
-            measured[label] = _worker(kind, spec, setting, dtype, device, threads, repeats, cache)
+            what = ["--setting", json.dumps(asdict(setting))] + (["--cache-implementation", cache] if cache else [])
+            measured[label] = _worker(kind, spec, what, dtype, device, threads, repeats)
         rows.append({"setting": asdict(setting) | {"name": setting.name}, "results": measured,
                      "ratios": {f"vs_{label}": _ratios(measured["block_transformer"], measured[label])
                                 for label, _, _ in VARIANTS[1:]}})
+    return _record(model, baseline, dtype, device, threads, repeats, before, rows)
+
+
+# (label, kind, mode) for --workload: the converted model's continuous batcher against the source served by
+# transformers' continuous batching and by static batching (groups of `rows` requests)
+WORKLOAD_VARIANTS = (
+    ("block_transformer", "block_transformer", "continuous"),
+    ("vanilla_continuous", "vanilla", "continuous"),
+    ("vanilla_static_batching", "vanilla", "static"),
+)
+
+
+def run_workload_benchmark(
+    model: str,
+    baseline: str,
+    workload: Workload,
+    repeats: int = 3,
+    threads: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> dict:
+    """Serve the same requests with each variant; ratios BT / vanilla (``vs_best_source``: the source's faster
+    way by generated tokens/s)."""
+    dtype, device, threads = _check_inputs(model, baseline, dtype, device, threads)
+    before = environment.describe(device, threads)
+    environment.warn_if_busy(before)
+    measured = {}
+    for label, kind, mode in WORKLOAD_VARIANTS:
+        logger.info("%s: %s", workload.name, label)
+        what = ["--workload", json.dumps(asdict(workload)), "--mode", mode]
+        measured[label] = _worker(kind, model if kind == "block_transformer" else baseline, what, dtype, device,
+                                  threads, repeats)
+    sources = [label for label, kind, _ in WORKLOAD_VARIANTS if kind == "vanilla"]
+    best = max(sources, key=lambda label: measured[label]["generated_tokens_per_s"])
+    ratios = {f"vs_{label}": _workload_ratios(measured["block_transformer"], measured[label]) for label in sources}
+    ratios["vs_best_source"] = ratios[f"vs_{best}"] | {"source": best}
+    row = {"setting": asdict(workload) | {"name": workload.name}, "results": measured, "ratios": ratios}
+    return _record(model, baseline, dtype, device, threads, repeats, before, [row])
+
+
+def _workload_ratios(bt: dict, vanilla: dict) -> dict:
+    """> 1 always means BT is better: throughputs BT / vanilla, latencies and memory vanilla / BT."""
     return {
-        "benchmark": "bt-bench",
-        "model": model,
-        "baseline": baseline,
-        "dtype": dtype,
-        "device": device,
-        "threads": threads,
-        "repeats": repeats,
-        "environment": before,
-        "load_after": environment.machine_load(),
-        "rows": rows,
+        "generated_tokens_per_s": bt["generated_tokens_per_s"] / vanilla["generated_tokens_per_s"],
+        "requests_per_s": bt["requests_per_s"] / vanilla["requests_per_s"],
+        **{f"{key}_{cut}": vanilla[key][cut] / bt[key][cut]
+           for key in ("time_to_first_token_s", "inter_token_latency_s") for cut in ("p50", "p95")},
+        "peak_rss_bytes": vanilla["peak_rss_bytes"] / bt["peak_rss_bytes"],
     }
 
 
@@ -103,7 +154,9 @@ def _ratios(bt: dict, vanilla: dict) -> dict:
 
 
 def format_table(record: dict) -> str:
-    """A plain-text table: one line per setting and variant, ratios against vanilla with the dynamic cache."""
+    """A plain-text table: one line per setting and variant, then BT's ratios against each."""
+    if "workload" in record["rows"][0]["results"]["block_transformer"]:
+        return _format_workload(record)
     header = f"{'setting':<24} {'model':<18} {'tok/s':>9} {'decode tok/s':>13} {'TTFT s':>8} {'peak MB':>9} {'KV/seq MB':>10}"
     lines = [header, "-" * len(header)]
     for row in record["rows"]:
@@ -121,3 +174,20 @@ def format_table(record: dict) -> str:
             )
     return "\n".join(lines)
 
+
+
+def _format_workload(record: dict) -> str:
+    row = record["rows"][0]
+    header = (f"{'served by':<26} {'req/s':>7} {'gen tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
+              f"{'ITL p95':>8} {'peak MB':>8}")
+    lines = [row["setting"]["name"], header, "-" * len(header)]
+    for label, result in row["results"].items():
+        ttft, itl = result["time_to_first_token_s"], result["inter_token_latency_s"]
+        lines.append(f"{label:<26} {result['requests_per_s']:>7.2f} {result['generated_tokens_per_s']:>10.1f} "
+                     f"{ttft['p50']:>8.2f}s {ttft['p95']:>8.2f}s {itl['p50'] * 1e3:>6.0f}ms {itl['p95'] * 1e3:>6.0f}ms "
+                     f"{result['peak_rss_bytes'] / 2**20:>8.0f}")
+    for name, ratios in row["ratios"].items():
+        lines.append(f"BT {name:<23} gen tok/s x{ratios['generated_tokens_per_s']:.2f}  "
+                     f"TTFT p95 x{ratios['time_to_first_token_s_p95']:.2f}  ITL p50 x{ratios['inter_token_latency_s_p50']:.2f}"
+                     + (f"  ({ratios['source']})" if "source" in ratios else ""))
+    return "\n".join(lines)

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kind", choices=["block_transformer", "vanilla"], required=True)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--setting", required=True, help="JSON of a Setting")
+    parser.add_argument("--setting", help="JSON of a Setting")
+    parser.add_argument("--workload", help="JSON of a Workload (instead of --setting)")
+    parser.add_argument("--mode", choices=["continuous", "static"], default="continuous", help="how a workload is served")
     parser.add_argument("--dtype", choices=DTYPES, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, required=True)
@@ -44,12 +46,17 @@ def main(argv: list[str] | None = None) -> None:
     from block_transformer.bench.settings import Setting
     from block_transformer.bench.throughput import bytes_per_decode_step, measure_generation
 
+    from block_transformer.bench.workload import Workload, measure_workload
+
     torch.set_num_threads(args.threads)
-    setting = Setting(**json.loads(args.setting))
     model = load(args.kind, args.model, torch_dtype(args.dtype), args.device)
-    extra = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
-    result = measure_generation(model, setting, repeats=args.repeats, **extra)
-    result["bytes_per_decode_step"] = bytes_per_decode_step(model, setting)
+    if args.workload:
+        result = measure_workload(model, Workload(**json.loads(args.workload)), args.mode, repeats=args.repeats)
+    else:
+        setting = Setting(**json.loads(args.setting))
+        extra = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
+        result = measure_generation(model, setting, repeats=args.repeats, **extra)
+        result["bytes_per_decode_step"] = bytes_per_decode_step(model, setting)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.device.startswith("cuda"):
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
