@@ -178,16 +178,16 @@ def format_table(record: dict) -> str:
 
 def _format_workload(record: dict) -> str:
     row = record["rows"][0]
-    header = (f"{'served by':<26} {'req/s':>7} {'gen tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
+    header = (f"{'served by':<30} {'req/s':>7} {'gen tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
               f"{'ITL p95':>8} {'peak MB':>8}")
     lines = [row["setting"]["name"], header, "-" * len(header)]
     for label, result in row["results"].items():
         ttft, itl = result["time_to_first_token_s"], result["inter_token_latency_s"]
-        lines.append(f"{label:<26} {result['requests_per_s']:>7.2f} {result['generated_tokens_per_s']:>10.1f} "
+        lines.append(f"{label:<30} {result['requests_per_s']:>7.2f} {result['generated_tokens_per_s']:>10.1f} "
                      f"{ttft['p50']:>8.2f}s {ttft['p95']:>8.2f}s {itl['p50'] * 1e3:>6.0f}ms {itl['p95'] * 1e3:>6.0f}ms "
                      f"{result['peak_rss_bytes'] / 2**20:>8.0f}")
     for name, ratios in row["ratios"].items():
-        lines.append(f"BT {name:<23} gen tok/s x{ratios['generated_tokens_per_s']:.2f}  "
+        lines.append(f"BT {name:<27} gen tok/s x{ratios['generated_tokens_per_s']:.2f}  "
                      f"TTFT p95 x{ratios['time_to_first_token_s_p95']:.2f}  ITL p50 x{ratios['inter_token_latency_s_p50']:.2f}"
                      + (f"  ({ratios['source']})" if "source" in ratios else ""))
     return "\n".join(lines)
