@@ -262,15 +262,16 @@ Examples:
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--baseline", required=True, help="The source model: hub id, local folder or .gguf file.")
 @click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 32]")
-@click.option("--prompt-len", "prompt_lens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 1024]")
-@click.option("--new-tokens", "new_tokens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 128]")
+@click.option("--prompt-len", "prompt_lens", type=click.IntRange(min=1), multiple=True, help="Repeatable. [default: 1024; with --workload the median, 256]")
+@click.option("--new-tokens", "new_tokens", type=click.IntRange(min=1), multiple=True,
+              help="Repeatable. [default: 128; with --workload the most a request asks for]")
 @click.option("--preset", "presets", type=click.Choice(list(PRESETS)), multiple=True, help=_preset_help())
 @click.option("--ragged", is_flag=True, help="Also run each setting with prompt lengths spread over [P/2, P].")
 @click.option("--workload", is_flag=True,
               help="Serve --requests requests instead: prompt lengths log-normal (median --prompt-len, sigma 0.75, "
                    "clipped to [8, 4x]), max_new_tokens uniform over [N/8, N] (N = --new-tokens), --batch-size rows "
                    "at once; BT's continuous batcher vs the source's (transformers) and its static batching.")
-@click.option("--requests", type=click.IntRange(min=1), default=64, show_default=True, help="Requests of a --workload.")
+@click.option("--requests", type=click.IntRange(min=1), default=None, help="Requests of a --workload. [default: 64]")
 @click.option("--arrival-rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Poisson arrivals, requests/s, for --workload [default: all arrive at once, in random order].")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -307,11 +308,13 @@ def bench_cmd(model, baseline, batch_sizes, prompt_lens, new_tokens, presets, ra
                     if used] + [f"{name} (more than once)" for name in several]
         if clashing:
             raise click.UsageError(f"--workload takes one --batch-size, --prompt-len and --new-tokens; drop {', '.join(clashing)}.")
-        spec = Workload(requests=requests, rows=(batch_sizes or (32,))[0], prompt_len=(prompt_lens or (256,))[0],
+        spec = Workload(requests=requests or 64, rows=(batch_sizes or (32,))[0], prompt_len=(prompt_lens or (256,))[0],
                         new_tokens=(new_tokens or (128,))[0], arrival_rate=arrival_rate)
         record = run_workload_benchmark(str(model), baseline, spec, repeats=repeats, threads=threads, dtype=dtype,
                                         device=device)
     else:
+        if requests or arrival_rate:
+            raise click.UsageError("--requests and --arrival-rate describe a --workload; add --workload.")
         pairs = [pair for preset in presets for pair in PRESETS[preset]]
         if prompt_lens or new_tokens or not pairs:
             pairs += list(itertools.product(prompt_lens or (1024,), new_tokens or (128,)))

@@ -288,3 +288,37 @@ def test_result_handlers_on_an_event_loop():
     results, streamed = asyncio.run(serve())
     assert [r.generated_tokens for r in results] == expected
     assert [streamed[f"r{i}"] for i in range(3)] == [list(range(1, n + 1)) for n in (6, 2, 9)]
+
+
+def test_requests_added_together_are_prefilled_together():
+    """add_requests hands its requests over together, so a running generation thread prefills them in one
+    call (not the first alone and the rest later), however eagerly the GIL switches threads."""
+    model = converted("llama", 4)
+    manager = model.init_continuous_batching(max_batch_size=8)
+    prefills = []
+    prefill = manager._prefill
+    manager._prefill = lambda joining: prefills.append(len(joining)) or prefill(joining)
+    manager.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL to the generation thread as often as possible
+    try:
+        ids = manager.add_requests(prompts()[:6], max_new_tokens=3)
+        sys.setswitchinterval(interval)
+        results = {}
+        while len(results) < len(ids):
+            output = manager.get_result(timeout=30)
+            assert output is not None, "no result within 30 s"
+            results[output.request_id] = output
+    finally:
+        sys.setswitchinterval(interval)
+        manager.stop()
+    assert prefills == [6]
+
+
+def test_a_bad_request_in_add_requests_queues_none():
+    """Regression: add_requests queued the requests before a bad one, then raised."""
+    model = converted("llama", 4)
+    manager = model.init_continuous_batching(max_batch_size=4)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        manager.add_requests([[5, 6, 7], []], max_new_tokens=3)
+    assert manager.input_queue.empty()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
-from block_transformer.bench.workload import Request, Workload, draw_requests, measure_workload, serve_continuous, summarise
+from block_transformer.bench.workload import (
+    Request, Workload, continuous_manager, draw_requests, measure_workload, serve_continuous, serve_static, summarise,
+)
 from block_transformer.cli import bench_cmd
 from block_transformer.convert import LayerMapping
 from block_transformer.convert.convert import convert_model
@@ -43,26 +46,53 @@ def models():
 def test_every_request_gets_its_own_token_count_and_latencies(models, which, mode):
     model = models[which == "block_transformer"]
     workload = Workload(requests=7, rows=3, prompt_len=12, new_tokens=9)
-    result = measure_workload(model, workload, mode, repeats=1)
+    result = measure_workload(model, workload, mode, repeats=2)
     assert result["generated_tokens"] == sum(r.max_new_tokens for r in draw_requests(workload, VOCAB))
     assert result["requests_per_s"] > 0 and result["generated_tokens_per_s"] > result["requests_per_s"]
     ttft, itl = result["time_to_first_token_s"], result["inter_token_latency_s"]
     assert 0 < ttft["p50"] <= ttft["p95"] and 0 < itl["p50"] <= itl["p95"]
-    assert len(result["makespans_s"]) == 1
+    assert len(result["makespans_s"]) == 2 and result["makespan_s"] in result["makespans_s"]
+
+
+def _first_greedy_token(model, prompt: list[int]) -> int:
+    return int(model(torch.tensor([prompt])).logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize("which", ["source", "block_transformer"])
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+def test_eos_does_not_cut_a_request_short(models, which, mode):
+    """The model's eos is the token greedy decoding emits first for the first request: every way of serving
+    must still generate each request's full count (summarise raises otherwise)."""
+    model = models[which == "block_transformer"]
+    workload = Workload(requests=4, rows=2, prompt_len=10, new_tokens=6)
+    first = draw_requests(workload, VOCAB)[0]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = int(model(torch.tensor([first.prompt])).logits[0, -1].argmax())
+    try:
+        result = measure_workload(model, workload, mode, repeats=1)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert result["generated_tokens"] == sum(r.max_new_tokens for r in draw_requests(workload, VOCAB))
 
 
 def test_continuous_batching_serves_poisson_arrivals_after_they_arrive(models):
     _, bt = models
     workload = Workload(requests=5, rows=2, prompt_len=10, new_tokens=6, arrival_rate=20.0)
     requests = draw_requests(workload, VOCAB)
-    timestamps = serve_continuous(bt, workload, requests)
-    assert all(timestamps[r.request_id][0] > r.arrival_s for r in requests)
+    manager = continuous_manager(bt, workload, requests)
+    manager.start()
+    try:
+        served = serve_continuous(manager, requests)
+    finally:
+        manager.stop(block=True)
+    assert all(served[r.request_id][1][0] > r.arrival_s for r in requests)
+    assert summarise(requests, served)["time_to_first_token_s"]["p95"] < max(t[-1] for _, t in served.values())
 
 
 def test_a_short_request_is_an_error_not_a_figure():
     requests = [Request("req_0", [11, 12], 3, 0.0)]
-    with pytest.raises(RuntimeError, match="req_0 generated 2 tokens, expected 3"):
-        summarise(requests, {"req_0": [0.1, 0.2]})
+    with pytest.raises(RuntimeError, match="req_0 generated 2 tokens"):
+        summarise(requests, {"req_0": ([5, 6], [0.1, 0.2])})
 
 
 @pytest.mark.slow  # a worker process per variant
@@ -94,3 +124,10 @@ def test_workload_takes_one_size_of_each(tmp_path):
     result = CliRunner().invoke(bench_cmd, [str(bt), "--baseline", "x", "--workload", "--batch-size", "2",
                                             "--batch-size", "4", "--ragged"])
     assert result.exit_code == 2 and "drop --ragged, --batch-size (more than once)" in result.output
+
+
+def test_workload_options_need_workload(tmp_path):
+    bt = tmp_path / "bt"
+    bt.mkdir()
+    result = CliRunner().invoke(bench_cmd, [str(bt), "--baseline", "x", "--requests", "8"])
+    assert result.exit_code == 2 and "add --workload" in result.output

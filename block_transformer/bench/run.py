@@ -139,7 +139,8 @@ def _workload_ratios(bt: dict, vanilla: dict) -> dict:
         "generated_tokens_per_s": bt["generated_tokens_per_s"] / vanilla["generated_tokens_per_s"],
         "requests_per_s": bt["requests_per_s"] / vanilla["requests_per_s"],
         **{f"{key}_{cut}": vanilla[key][cut] / bt[key][cut]
-           for key in ("time_to_first_token_s", "inter_token_latency_s") for cut in ("p50", "p95")},
+           for key in ("time_to_first_token_s", "inter_token_latency_s") for cut in ("p50", "p95")
+           if bt[key][cut] > 0},  # one new token per request: no gaps
         "peak_rss_bytes": vanilla["peak_rss_bytes"] / bt["peak_rss_bytes"],
     }
 
@@ -188,6 +189,6 @@ def _format_workload(record: dict) -> str:
                      f"{result['peak_rss_bytes'] / 2**20:>8.0f}")
     for name, ratios in row["ratios"].items():
         lines.append(f"BT {name:<27} gen tok/s x{ratios['generated_tokens_per_s']:.2f}  "
-                     f"TTFT p95 x{ratios['time_to_first_token_s_p95']:.2f}  ITL p50 x{ratios['inter_token_latency_s_p50']:.2f}"
+                     f"TTFT p95 x{ratios['time_to_first_token_s_p95']:.2f}  ITL p50 x{ratios.get('inter_token_latency_s_p50', float('nan')):.2f}"
                      + (f"  ({ratios['source']})" if "source" in ratios else ""))
     return "\n".join(lines)

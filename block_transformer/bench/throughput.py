@@ -36,16 +36,18 @@ def make_prompts(setting: Setting, vocab_size: int, seed: int = 0) -> tuple[torc
     return ids, mask
 
 
-class _FirstTokenClock(LogitsProcessor):
-    """Notes the time the first logits come out of prefill; a no-op on the scores."""
+class StepClock(LogitsProcessor):
+    """Notes when each step's logits exist (one time per generated token; the first is prefill's), for the
+    first ``limit`` steps (None: all; each costs a device sync on GPUs); a no-op on the scores."""
 
-    def __init__(self):
-        self.at: float | None = None
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.at is None:
+        if self.limit is None or len(self.times) < self.limit:
             _sync()
-            self.at = time.perf_counter()
+            self.times.append(time.perf_counter())
         return scores
 
 
@@ -66,13 +68,13 @@ def measure_generation(model, setting: Setting, repeats: int = 3, seed: int = 0,
     common = dict(do_sample=False, pad_token_id=0 if pad is None else pad, **generate_kwargs)
 
     def timed_call() -> tuple[float, float]:
-        clock = _FirstTokenClock()
+        clock = StepClock(limit=1)
         _sync()
         started = time.perf_counter()
         model.generate(ids, attention_mask=mask, max_new_tokens=setting.new_tokens,
                        min_new_tokens=setting.new_tokens, logits_processor=LogitsProcessorList([clock]), **common)
         _sync()
-        return clock.at - started, time.perf_counter() - started
+        return clock.times[0] - started, time.perf_counter() - started
 
     with torch.inference_mode():
         # warm-up of the full measured size: the first large prefill in a process runs ~1.5x slower on CPU

@@ -15,13 +15,16 @@ request is done. Per request: time to first token (from its arrival) and the gap
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
+
+from .throughput import StepClock
 
 MODES = ("continuous", "static")
 
@@ -75,62 +78,69 @@ def _wait_until(deadline: float) -> None:
         time.sleep(delay)
 
 
-def _generation_config(model, **settings) -> GenerationConfig:
-    pad = model.generation_config.pad_token_id
-    return GenerationConfig(do_sample=False, pad_token_id=0 if pad is None else pad, **settings)
+def _pass_ids(requests: list[Request], tag: str) -> list[Request]:
+    """The same requests under ids unique to one pass (a reused manager never sees an id twice)."""
+    return [dataclasses.replace(r, request_id=f"{r.request_id}@{tag}") for r in requests]
 
 
-def serve_continuous(model, workload: Workload, requests: list[Request]) -> dict[str, list[float]]:
-    """Token timestamps per request (seconds from the workload's start), served by continuous batching."""
-    config = _generation_config(model, max_new_tokens=workload.new_tokens, eos_token_id=-1)  # -1: no eos
-    if getattr(model.config, "model_type", None) == "block_transformer":
-        manager = model.init_continuous_batching(config, max_batch_size=workload.rows)
-    else:
-        from transformers import ContinuousBatchingConfig
+def continuous_manager(model, workload: Workload, requests: list[Request]):
+    """A continuous-batching manager for ``model`` with a row budget of ``workload.rows``.
 
-        longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
-        page = 32
-        manager = model.init_continuous_batching(config, ContinuousBatchingConfig(
-            max_requests_per_batch=workload.rows, page_size=page,
-            num_blocks=workload.rows * -(-longest // page) + workload.rows, max_batch_tokens=2048))
-    manager.start()
-    try:
-        start = time.perf_counter()
-        for request in requests:
-            _wait_until(start + request.arrival_s)
-            manager.add_request(request.prompt, request_id=request.request_id, max_new_tokens=request.max_new_tokens,
-                                record_timestamps=True)
-        done = {}
-        while len(done) < len(requests):
-            output = manager.get_result(timeout=1.0)
-            if output is None:
-                if not manager.is_running():
-                    raise RuntimeError("the continuous-batching manager stopped before every request finished")
-                continue
-            if output.error:
-                raise RuntimeError(f"request {output.request_id} failed: {output.error}")
-            if output.is_finished():
-                done[output.request_id] = [t - start for t in output.timestamps]
-    finally:
-        manager.stop(block=True)
+    The source's is transformers' own, with a paged cache sized for the ``rows`` longest requests at once
+    (what the row budget can hold), no prefix sharing (every pass repeats the same prompts) and no
+    scheduler safety margin (the pool is sized already); the Block Transformer's reads only
+    ``max_requests_per_batch``.
+    """
+    from transformers import ContinuousBatchingConfig
+
+    page = 32
+    pages = sorted((-(-(len(r.prompt) + r.max_new_tokens) // page) for r in requests), reverse=True)
+    config = ContinuousBatchingConfig(
+        max_requests_per_batch=workload.rows, page_size=page, num_blocks=sum(pages[: workload.rows]) + workload.rows,
+        max_blocks_per_request=pages[0] + 1, max_batch_tokens=2048, allow_block_sharing=False, safety_margin=0.0)
+    return model.init_continuous_batching(GenerationConfig(max_new_tokens=workload.new_tokens, eos_token_id=-1), config)
+
+
+def serve_continuous(manager, requests: list[Request]) -> dict[str, tuple[list[int], list[float]]]:
+    """(tokens, token timestamps in seconds from the pass's start) per request, from a started manager.
+
+    Requests that have arrived are handed over together (``add_requests``, for the Block Transformer's
+    manager, prefills them together; transformers' queues them one by one, as its own ``add_requests`` does).
+    """
+    from ..modeling.batching_block_transformer import BlockTransformerBatchingManager
+
+    ours = isinstance(manager, BlockTransformerBatchingManager)
+    start = time.perf_counter()
+    pending = list(requests)
+    while pending:
+        _wait_until(start + pending[0].arrival_s)
+        now = time.perf_counter() - start
+        arrived = [r for r in pending if r.arrival_s <= now]
+        pending = pending[len(arrived) :]
+        if ours:
+            manager.add_requests([dict(input_ids=r.prompt, request_id=r.request_id, max_new_tokens=r.max_new_tokens)
+                                  for r in arrived], record_timestamps=True)
+            continue
+        for r in arrived:
+            if manager.add_request(r.prompt, request_id=r.request_id, max_new_tokens=r.max_new_tokens,
+                                   record_timestamps=True) is None:
+                raise RuntimeError(f"the continuous-batching manager refused request {r.request_id}")
+    done = {}
+    while len(done) < len(requests):
+        output = manager.get_result(timeout=1.0)
+        if output is None:
+            if not manager.is_running():
+                raise RuntimeError("the continuous-batching manager stopped before every request finished")
+            continue
+        if output.error:
+            raise RuntimeError(f"request {output.request_id} failed: {output.error}")
+        if output.is_finished():
+            done[output.request_id] = (list(output.generated_tokens), [t - start for t in output.timestamps])
     return done
 
 
-class _StepClock(LogitsProcessor):
-    """Notes when each step's logits exist (one timestamp per generated token of the group)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-        return scores
-
-
-def serve_static(model, workload: Workload, requests: list[Request]) -> dict[str, list[float]]:
-    """Token timestamps per request, served as groups of ``rows`` requests in arrival order."""
+def serve_static(model, workload: Workload, requests: list[Request]) -> dict[str, tuple[list[int], list[float]]]:
+    """(tokens, token timestamps) per request, served as groups of ``rows`` requests in arrival order."""
     device = next(model.parameters()).device
     done = {}
     start = time.perf_counter()
@@ -144,22 +154,27 @@ def serve_static(model, workload: Workload, requests: list[Request]) -> dict[str
             ids[row, width - len(request.prompt) :] = torch.tensor(request.prompt)
             mask[row, width - len(request.prompt) :] = 1
         steps = max(r.max_new_tokens for r in group)
-        # eos stays the model's; min_new_tokens keeps it from stopping a row early
-        config = _generation_config(model, max_new_tokens=steps, min_new_tokens=steps)
-        clock = _StepClock()
-        model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                       logits_processor=LogitsProcessorList([clock]))
-        for request in group:
-            done[request.request_id] = [t - start for t in clock.times[: request.max_new_tokens]]
+        clock = StepClock()
+        # eos stays the model's (generate() warns about -1); min_new_tokens keeps it from stopping a row early
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=steps,
+                             min_new_tokens=steps, logits_processor=LogitsProcessorList([clock]))
+        for row, request in enumerate(group):
+            n = request.max_new_tokens
+            done[request.request_id] = (out[row, width : width + n].tolist(), [t - start for t in clock.times[:n]])
     return done
 
 
-def summarise(requests: list[Request], timestamps: dict[str, list[float]]) -> dict:
-    """Requests/s and generated tokens/s over the makespan; TTFT and inter-token latency p50/p95 (seconds)."""
+def summarise(requests: list[Request], served: dict[str, tuple[list[int], list[float]]]) -> dict:
+    """Requests/s and generated tokens/s over the makespan; TTFT and inter-token latency p50/p95 (seconds).
+
+    A request that did not generate exactly its ``max_new_tokens`` (or got no timestamp per token) is an
+    error, not a figure."""
     for request in requests:
-        got = len(timestamps.get(request.request_id, []))
-        if got != request.max_new_tokens:
-            raise RuntimeError(f"{request.request_id} generated {got} tokens, expected {request.max_new_tokens}")
+        tokens, times = served.get(request.request_id, ([], []))
+        if len(tokens) != request.max_new_tokens or len(times) != len(tokens):
+            raise RuntimeError(f"{request.request_id} generated {len(tokens)} tokens ({len(times)} timestamps), "
+                               f"expected {request.max_new_tokens}")
+    timestamps = {request_id: times for request_id, (_, times) in served.items()}
     makespan = max(times[-1] for times in timestamps.values())
     ttft = [timestamps[r.request_id][0] - r.arrival_s for r in requests]
     gaps = [b - a for times in timestamps.values() for a, b in zip(times, times[1:])]
@@ -181,13 +196,34 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def measure_workload(model, workload: Workload, mode: str, repeats: int = 3) -> dict:
-    """Serve the workload once to warm up (full size: the same requests), then ``repeats`` times; the repeat
-    with the median makespan is reported, with every repeat's makespan."""
-    serve = {"continuous": serve_continuous, "static": serve_static}[mode]
+    """Serve the workload once to warm up (full size: the same requests), then ``repeats`` times; the pass
+    with the median makespan is reported, with every pass's makespan.
+
+    Every way of serving runs with the same explicit generation settings (greedy, nothing from the model's
+    own ``generation_config`` such as a repetition penalty); a continuous-batching manager is started once
+    and reused, so its setup (e.g. the source's paged cache) is paid in the warm-up pass.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     requests = draw_requests(workload, model.config.vocab_size)
-    with torch.inference_mode():
-        serve(model, workload, requests)
-        runs = [summarise(requests, serve(model, workload, requests)) for _ in range(repeats)]
+    saved = model.generation_config
+    pad = saved.pad_token_id
+    model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0 if pad is None else pad,
+                                               eos_token_id=saved.eos_token_id)
+    manager = continuous_manager(model, workload, requests) if mode == "continuous" else None
+    try:
+        with torch.inference_mode():
+            if manager is not None:
+                manager.start()
+                serve = lambda tag: serve_continuous(manager, _pass_ids(requests, tag))  # noqa: E731
+            else:
+                serve = lambda tag: serve_static(model, workload, _pass_ids(requests, tag))  # noqa: E731
+            serve("warm-up")
+            runs = [summarise(_pass_ids(requests, str(i)), serve(str(i))) for i in range(repeats)]
+    finally:
+        if manager is not None:
+            manager.stop(block=True)
+        model.generation_config = saved
     runs.sort(key=lambda run: run["makespan_s"])
     return {"workload": asdict(workload) | {"name": workload.name}, "mode": mode, **runs[len(runs) // 2],
             "makespans_s": [run["makespan_s"] for run in runs]}

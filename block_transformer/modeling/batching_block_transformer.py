@@ -131,6 +131,14 @@ class BlockTransformerBatchingManager:
         ``streaming`` every new token delivers a ``GenerationOutput`` (status DECODING), then the final one;
         ``callback`` receives the outputs (on the generation thread) instead of the output queue.
         """
+        request = self._request(input_ids, request_id, max_new_tokens, streaming, record_timestamps, eos_token_id,
+                                seed, callback, **generation_kwargs)
+        self._enqueue([request])
+        return request.output.request_id
+
+    def _request(self, input_ids, request_id, max_new_tokens, streaming, record_timestamps, eos_token_id, seed,
+                 callback, **generation_kwargs) -> _Request:
+        """A checked request with its own generation settings, logits processors and random generator."""
         prompt = [int(t) for t in (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)]
         if not prompt:
             raise ValueError("a request needs at least one prompt token.")
@@ -164,22 +172,27 @@ class BlockTransformerBatchingManager:
             with self._lock:
                 request_id = f"req_{next(self._counter)}"
         output = GenerationOutput(request_id=request_id, prompt_ids=prompt, timestamps=[] if record_timestamps else None)
-        request = _Request(output, limit, frozenset(eos), bool(config.do_sample), processors, generator, streaming, callback)
-        self.input_queue.put(request)
+        return _Request(output, limit, frozenset(eos), bool(config.do_sample), processors, generator, streaming, callback)
+
+    def _enqueue(self, requests: list[_Request]) -> None:
+        """Queue requests together and wake the generation thread once, so they are prefilled together."""
+        for request in requests:
+            self.input_queue.put(request)
         self._wake.set()
-        return request_id
 
     def add_requests(self, inputs: list, max_new_tokens: int | None = None, streaming: bool = False,
                      record_timestamps: bool = False, **generation_kwargs) -> list[str]:
         """``add_request`` for each prompt, with shared settings; an input may also be a dict of ``add_request``
         arguments (``{"input_ids": [...], "max_new_tokens": 8, "do_sample": True, "seed": 3}``) to override them."""
+        defaults = dict(request_id=None, eos_token_id=None, seed=None, callback=None)
         shared = dict(max_new_tokens=max_new_tokens, streaming=streaming, record_timestamps=record_timestamps,
                       **generation_kwargs)
-        ids = []
-        for item in inputs:
-            settings = {**shared, **item} if isinstance(item, dict) else {**shared, "input_ids": item}
-            ids.append(self.add_request(**settings))
-        return ids
+        requests = [  # all checked first: one bad input queues none
+            self._request(**{**defaults, **shared, **(item if isinstance(item, dict) else {"input_ids": item})})
+            for item in inputs
+        ]
+        self._enqueue(requests)
+        return [request.output.request_id for request in requests]
 
     def cancel_request(self, request_id: str) -> None:
         """Stop a request: it is delivered as it stands, with status FAILED and error "cancelled"."""
@@ -261,7 +274,7 @@ class BlockTransformerBatchingManager:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        with torch.no_grad():
+        with torch.inference_mode():
             while not self._stop.is_set():
                 if not self.has_pending_requests() and self._cancelled.empty():
                     self._wake.wait(0.1)
@@ -284,7 +297,7 @@ class BlockTransformerBatchingManager:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> bool:
         """Admit waiting requests into free rows, decode one token for every running row, free the rows that
         finished (and refill them). Returns whether requests remain."""
