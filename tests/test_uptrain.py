@@ -294,19 +294,27 @@ def test_gradient_checkpointing_and_block_aligned_packing_with_distillation(tmp_
 
 
 @pytest.mark.slow
-def test_fsdp_requested_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path):
-    """FSDP cannot run on this project's CPU machines: with ACCELERATE_USE_FSDP, accelerate sets up plain DDP
-    on gloo without a word (seen: a 2-process run 'with FSDP' trained unsharded). The run must say so instead."""
+@pytest.mark.parametrize("backend", ["FSDP", "DEEPSPEED"])
+def test_sharding_requested_on_cpu_processes_is_refused_not_run_as_ddp(tmp_path, backend):
+    """FSDP and DeepSpeed cannot run on this project's CPU machines: asked for either, accelerate sets up plain
+    DDP on gloo without a word (seen: a 2-process run 'with FSDP' trained unsharded). The run must say so.
+
+    DeepSpeed 0.19.8 (sdist, DS_BUILD_OPS=0) does install here and picks its CPU accelerator (gloo), but
+    accelerate 1.15 without ``cpu=True`` then sets up DEEPSPEED with every process at rank 0 of 1 while
+    DeepSpeed's engine sees 2 (its batch-size check fails; with the check bypassed both ranks would train on
+    the same, unsharded data), so bt-uptrain refuses before accelerate starts. Regression: without DeepSpeed
+    installed, asking for it ended in accelerate's ImportError traceback."""
     recipe = tiny_recipe(tmp_path, **{"train.max_steps": 2, "eval.every": 0, "eval.source_reference": False})
     sets = [f"--set=model.source={recipe.model.source}", f"--set=data.train={recipe.data.train}",
             f"--set=output.dir={recipe.output.dir}", "--set=train.max_steps=2", "--set=eval.every=0",
             "--set=eval.source_reference=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", f"ACCELERATE_USE_{backend}": "true", "FSDP_VERSION": "2"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "block_transformer.uptrain", str(Path(__file__).parent.parent / "recipes" / "tiny.yaml"), *sets],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert result.returncode != 0
-    assert "asked for FSDP but accelerate set up MULTI_CPU" in result.stderr and "needs GPUs" in result.stderr
+    assert f"asked for {backend} on a machine without a GPU" in result.stderr and "needs GPUs" in result.stderr
+    assert "ImportError" not in result.stderr  # (torchrun prints its own traceback for a failed worker)
     assert not Path(recipe.output.dir).exists()

@@ -165,12 +165,19 @@ def _uptrain(recipe: Recipe, resume: str | None, recipe_name: str) -> Path:
     return out
 
 
-def check_requested_backend(accelerator: Accelerator) -> None:
+def check_requested_backend(accelerator: Accelerator | None) -> None:
     """accelerate falls back without a word when FSDP or DeepSpeed cannot run on this hardware (on CPU
-    processes it sets up plain DDP): a run the user asked to shard must not silently run unsharded."""
+    processes it sets up plain DDP): a run the user asked to shard must not silently run unsharded. Called
+    before the Accelerator exists too (None): without a GPU the answer is known, and accelerate would
+    otherwise first fail with a traceback when DeepSpeed is not installed."""
     for backend in ("FSDP", "DEEPSPEED"):
         requested = os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() in {"1", "true", "yes"}
-        if requested and accelerator.distributed_type.name != backend:
+        if not requested:
+            continue
+        if accelerator is None and not torch.cuda.is_available():
+            raise RecipeError(f"the launch asked for {backend} on a machine without a GPU: {backend} needs GPUs "
+                              "(on CPU processes accelerate would run plain DDP). Launch without it, or on GPUs.")
+        if accelerator is not None and accelerator.distributed_type.name != backend:
             raise RecipeError(
                 f"the launch asked for {backend} but accelerate set up {accelerator.distributed_type.name} on this "
                 f"hardware ({accelerator.device}): {backend} needs GPUs. Launch without it, or on GPUs."
@@ -180,6 +187,7 @@ def check_requested_backend(accelerator: Accelerator) -> None:
 def setup(recipe: Recipe, resume: str | None = None, recipe_name: str = "recipe") -> Run:
     """Check everything that needs no weights, then load and build the run: fresh, or restored from ``resume``."""
     blueprint = check_before_work(recipe, resume)
+    check_requested_backend(None)
     accelerator = Accelerator(
         # several processes without a GPU (torchrun on CPU): accelerate only sets up gloo when told "cpu"
         cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
