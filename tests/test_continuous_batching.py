@@ -211,6 +211,7 @@ def test_streaming_from_the_background_thread():
     assert stream[-1].generated_tokens == expected["req_0"].generated_tokens
     assert len(stream[-1].timestamps) == MAX_NEW_TOKENS[0]
     assert seen_by_callback[-1].generated_tokens == expected["req_2"].generated_tokens
+    assert {s.request_id for s in seen_by_callback} == {called}
     assert [len(s.generated_tokens) for s in seen_by_callback] == list(range(1, MAX_NEW_TOKENS[2] + 1))
     for request_id, index in zip(others, (1, 3, 4)):
         assert finals[request_id].generated_tokens == expected[f"req_{index}"].generated_tokens

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from block_transformer.bench.workload import (
-    Request, Workload, continuous_manager, draw_requests, measure_workload, serve_continuous, serve_static, summarise,
+    Request, Workload, continuous_manager, draw_requests, measure_workload, serve_continuous, summarise,
 )
 from block_transformer.cli import bench_cmd
 from block_transformer.convert import LayerMapping
