@@ -211,15 +211,18 @@ def measure_workload(model, workload: Workload, mode: str, repeats: int = 3) -> 
     model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0 if pad is None else pad,
                                                eos_token_id=saved.eos_token_id)
     manager = continuous_manager(model, workload, requests) if mode == "continuous" else None
+
+    def serve(tag: str) -> dict:
+        tagged = _pass_ids(requests, tag)
+        served = serve_continuous(manager, tagged) if manager is not None else serve_static(model, workload, tagged)
+        return summarise(tagged, served)
+
     try:
         with torch.inference_mode():
             if manager is not None:
                 manager.start()
-                serve = lambda tag: serve_continuous(manager, _pass_ids(requests, tag))  # noqa: E731
-            else:
-                serve = lambda tag: serve_static(model, workload, _pass_ids(requests, tag))  # noqa: E731
             serve("warm-up")
-            runs = [summarise(_pass_ids(requests, str(i)), serve(str(i))) for i in range(repeats)]
+            runs = [serve(str(i)) for i in range(repeats)]
     finally:
         if manager is not None:
             manager.stop(block=True)

@@ -311,8 +311,7 @@ class BlockTransformerCache:
             raise ValueError("keep_rows needs at least one row; drop the cache instead.")
         self.num_tokens, self.current_block = self.num_tokens[index], self.current_block[index]
         needed = int(self.block_cache_lengths().max())
-        slots = self.block.num_slots()
-        self.block.keep_rows(index, num_slots=2 * needed if slots > 2 * needed else slots)
+        self.block.keep_rows(index, num_slots=min(self.block.num_slots(), 2 * needed))
         self.token.keep_rows(index)
 
     def admit(self, joined: "BlockTransformerCache", into: torch.Tensor) -> None:
@@ -607,7 +606,8 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             rows = None if n_complete == batch else completes.nonzero(as_tuple=True)[0]  # None: all, no gather
             block_ids = cache.current_block if rows is None else cache.current_block[rows]
             blocks = self.embed_blocks(block_ids, torch.ones_like(block_ids, dtype=torch.bool)).unsqueeze(1)
-            write_at = 1 + cache.num_tokens[completes] // block_len  # block k sits at block position k + 1
+            done = cache.num_tokens if rows is None else cache.num_tokens[rows]  # (a boolean mask would sync again)
+            write_at = 1 + done // block_len  # block k sits at block position k + 1
             layout = KVLayout.per_row(rows, write_at.unsqueeze(1), batch)
             context = self._run_decoder(self.block_decoder, blocks, layout.slots, cache.block, layout)
             prefix = self.expand_prefix(context[:, 0])
