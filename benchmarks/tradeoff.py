@@ -7,9 +7,10 @@ SmolLM2-135M and the Python-docs corpus:
 2. ``bt-uptrain`` of the converted folder with the default recipe (``recipes/smollm2-pydocs.yaml``)
    for each ``--tokens`` budget: its summary gives held-out perplexity at step 0 and at the end, on
    the recipe's held-out tail (the source's perplexity on the same tokens is scored by the run too);
-3. ``bt-bench`` of the converted folder against the source (throughput does not depend on the
-   weights, so the fresh conversion is benchmarked): whole-call and decode throughput ratios, KV
-   cache per sequence; and the parameter count.
+3. generation throughput of every converted folder against one measurement of the source per
+   setting (bt-bench's workers via ``block_transformer.bench.run.run_comparison``; throughput does not
+   depend on the weights, so the fresh conversions are benchmarked): whole-call and decode ratios;
+   and the parameter count and KV cache per sequence.
 
 Every stage writes its own output under ``--workdir`` and is skipped when that output exists and was
 made by the same command (recorded beside it; a different one is an error), so an interrupted run
@@ -19,6 +20,7 @@ resumes where it stopped; ``--json`` collects what exists so far (written atomic
     python benchmarks/tradeoff.py --tokens 100000                       # every mapping, hours on a CPU
     python benchmarks/tradeoff.py --mappings "duplicate 30/30" --tokens 100000,300000
     python benchmarks/tradeoff.py --skip bench --tokens 25600 --plot    # quality only
+    python benchmarks/tradeoff.py --skip uptrain                        # speed only: ~1 h for all on 2 cores
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra bt-uptrain --set (repeatable)")
     parser.add_argument("--bench", default="32:1024/128,32:128/512", help="batch:prompt/new settings for bt-bench")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of each measured model [default: all cores]")
+    parser.add_argument("--source-cache", choices=["dynamic", "static"], default="dynamic",
+                        help="the source's cache in the speed comparison")
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: uptrain, bench")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "tradeoff")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "tradeoff.json")
@@ -125,19 +131,53 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
         }
         row["commands"][f"uptrain {tokens}"] = " ".join(cmd)
 
-    if "bench" not in skip:
-        bench_json = here / "bench.json"
-        cmd = [str(BIN / "bt-bench"), str(converted), "--baseline", str(source), "--repeats", str(args.repeats),
-               "--json", str(bench_json)]
-        for batch, prompt, new in bench_settings(args.bench):
-            cmd += ["--batch-size", str(batch), "--prompt-len", str(prompt), "--new-tokens", str(new)]
-        stage(cmd, bench_json, here / "bench.log")
-        row["bench"] = json.loads(bench_json.read_text())
-        row["commands"]["bench"] = " ".join(cmd)
     row["parameters"] = _parameters(converted)
     row["kv_cache_bytes_per_sequence"] = _kv_bytes(converted, args.bench)
     row["conversion"] = {k: config["conversion"].get(k) for k in ("mapping", "split", "block_layers", "token_layers")}
     return row
+
+
+def bench_all(names: list[str], args: argparse.Namespace, source: Path) -> dict[str, dict]:
+    """Speed of every mapping's conversion against one source run per setting -> {mapping: figures}.
+
+    The record is kept in ``--workdir/bench.json`` and reused when it measured these mappings (or more) with
+    the same settings; one that does not fit is refused rather than mixed with new figures.
+    """
+    from block_transformer.bench.run import run_comparison
+    from block_transformer.bench.settings import Setting
+
+    settings = [Setting(*s) for s in bench_settings(args.bench)]
+    models = {name: str(args.workdir / slug(name) / "converted") for name in names}
+    cache = None if args.source_cache == "dynamic" else args.source_cache
+    path = args.workdir / "bench.json"
+    if path.is_file():
+        record = json.loads(path.read_text())
+        same = ([row["setting"]["name"] for row in record["rows"]] == [s.name for s in settings]
+                and record["repeats"] == args.repeats and record["source"] == f"source_{args.source_cache}")
+        if not same or not set(names) <= set(record["models"]):
+            held = f"{', '.join(record['models'])} at {', '.join(row['setting']['name'] for row in record['rows'])}"
+            sys.exit(f"{path} holds another measurement ({held}, {record['repeats']} repeats, {record['source']}); "
+                     "delete it to re-measure.")
+        logger.info("speed: reusing %s", path)
+    else:
+        logger.info("speed: %s and the source, %s", ", ".join(names), args.bench)
+        record = run_comparison(models, str(source), settings, repeats=args.repeats, threads=args.threads,
+                                source_cache=cache)
+        record["command"] = shlex.join(["python", *sys.argv])
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    speed: dict[str, dict] = {}
+    for row in record["rows"]:
+        setting = row["setting"]["name"]
+        for label, measured in row["results"].items():
+            figures = {key: measured[key] for key in ("whole_call_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")}
+            if label in row["ratios"]:
+                figures["vs_source"] = {key: row["ratios"][label][key] for key in
+                                        ("whole_call_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")}
+            figures["load_before"] = row["load_before"][label]["load_avg"][0]
+            speed.setdefault("source" if label == record["source"] else label, {})[setting] = figures
+    speed["_meta"] = {"source": record["source"], "repeats": record["repeats"], "threads": record["threads"],
+                      "hardware": record["environment"]["hardware"], "command": record.get("command")}
+    return speed
 
 
 def _parameters(folder: Path) -> int:
@@ -182,13 +222,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    source_ppl = None
+    source_ppl, setting = None, None
     for row in rows:
-        if not row["uptraining"] or "bench" not in row:
+        if not row["uptraining"] or "speed" not in row:
             continue
         budget = max(row["uptraining"], key=int)
         result = row["uptraining"][budget]
-        speedup = next(iter(row["bench"]["settings"].values()))["ratios"]["whole_call_tokens_per_s"]
+        setting = setting or next(iter(row["speed"]))
+        speedup = row["speed"][setting]["vs_source"]["whole_call_tokens_per_s"]
         ax.scatter([speedup], [result["final_ppl"]])
         ax.annotate(f"{row['mapping']} ({int(budget) // 1000}k)", (speedup, result["final_ppl"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
@@ -196,7 +237,7 @@ def plot(rows: list[dict], path: Path) -> None:
     if source_ppl is not None:
         ax.scatter([1.0], [source_ppl], marker="*", s=120, color="black")
         ax.annotate("source", (1.0, source_ppl), xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("whole-call generation throughput vs source (x)")
+    ax.set_xlabel(f"whole-call generation throughput vs source (x, {setting})")
     ax.set_ylabel("held-out perplexity (Python-docs tail)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -218,11 +259,25 @@ def main() -> int:
     rows = {row["mapping"]: row for row in previous["rows"]}
     if "source" not in rows:  # the reference row: the source's own KV cache and size
         rows["source"] = {"mapping": "source", "uptraining": {}, **_source_figures(source, args.bench)}
-    for name in names:
-        rows[name] = measure(name, args, source)
+    def write() -> None:
         report = {"benchmark": "tradeoff", "default": DEFAULT, "rows": list(rows.values())}
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+
+    for name in names:
+        before, row = rows.get(name, {}), measure(name, args, source)
+        for key in ("uptraining", "commands"):  # budgets and commands of earlier runs stay
+            row[key] = {**before.get(key, {}), **row[key]}
+        rows[name] = {**before, **row}
+        write()
         logger.info("%s measured; wrote %s", name, args.json)
+    if "bench" not in args.skip.split(","):
+        speed = bench_all(names, args, source)
+        meta = speed.pop("_meta")
+        for label, figures in speed.items():
+            rows[label]["speed"] = figures
+            rows[label]["speed_measurement"] = meta
+        write()
+        logger.info("speed measured; wrote %s", args.json)
     if args.plot:
         plot(list(rows.values()), args.json.with_suffix(".png"))
     return 0

@@ -86,3 +86,36 @@ def test_ragged_prompts_are_left_padded_and_reproducible():
     lengths = mask.sum(1)
     assert (ids == again).all() and lengths.min() >= 10 and lengths.max() <= 20 and len(set(lengths.tolist())) > 3
     assert (mask[:, -1] == 1).all()
+
+
+@pytest.mark.slow  # a worker process per model
+def test_comparison_measures_the_source_once_for_several_models(folders, tmp_path, monkeypatch):
+    from block_transformer.bench import run
+
+    source, bt = folders
+    second = tmp_path / "bt-lb4"
+    export.save_model_folder(convert_model(tiny_source("llama"), LayerMapping.partition(1, 3), 4, separator_id=0),
+                             tiny_tokenizer(), second)
+    started = []
+    real_worker = run._worker
+    monkeypatch.setattr(run, "_worker", lambda kind, spec, *a: started.append(spec) or real_worker(kind, spec, *a))
+    record = run.run_comparison({"2/2 L_B 2": str(bt), "1/3 L_B 4": str(second)}, str(source),
+                                [Setting(2, 8, 4)], repeats=1, threads=1)
+    assert started == [str(source), str(bt), str(second)]
+    (row,) = record["rows"]
+    assert list(row["results"]) == ["source_dynamic", "2/2 L_B 2", "1/3 L_B 4"]
+    for label in ("2/2 L_B 2", "1/3 L_B 4"):
+        ratios, measured = row["ratios"][label], row["results"][label]
+        assert ratios["whole_call_tokens_per_s"] == pytest.approx(
+            measured["whole_call_tokens_per_s"] / row["results"]["source_dynamic"]["whole_call_tokens_per_s"])
+        assert set(row["load_before"][label]) >= {"load_avg", "cpu_count"}
+    # the two conversions differ in L_B: their block-level KV caches must too
+    assert row["results"]["2/2 L_B 2"]["kv_cache_bytes_per_sequence"] != row["results"]["1/3 L_B 4"]["kv_cache_bytes_per_sequence"]
+
+
+def test_comparison_needs_a_model(folders):
+    from block_transformer.bench.run import run_comparison
+    from block_transformer.errors import BlockTransformerError
+
+    with pytest.raises(BlockTransformerError, match="at least one converted folder"):
+        run_comparison({}, str(folders[0]), [Setting(1, 4, 2)])

@@ -96,6 +96,47 @@ def run_benchmark(
     return _record(model, baseline, dtype, device, threads, repeats, before, rows)
 
 
+def run_comparison(
+    models: dict[str, str],
+    baseline: str,
+    settings: list[Setting],
+    repeats: int = 3,
+    threads: int | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    source_cache: str | None = None,
+) -> dict:
+    """Several converted models against one measurement of the source per setting (``models``: label -> folder).
+
+    On a CPU the source's calls are most of a benchmark's time, so comparing N conversions this way costs one
+    source run instead of N. Per setting the source runs first, then each model in the given order, each in its
+    own worker (warm-up of the full size, median of ``repeats``); the load average is recorded before each.
+    Ratios are ``_ratios(model, source)``: > 1 means the model is better.
+    """
+    if not models:
+        raise BlockTransformerError("nothing to compare: give at least one converted folder.")
+    for folder in models.values():
+        _, device_found, threads_found = _check_inputs(folder, baseline, dtype, device, threads)
+    device, threads = device_found, threads_found
+    before = environment.describe(device, threads)
+    environment.warn_if_busy(before)
+    source_label = f"source_{source_cache or 'dynamic'}"
+    rows = []
+    for setting in settings:
+        what = ["--setting", json.dumps(asdict(setting))]
+        measured, loads = {}, {}
+        for label, kind, spec in [(source_label, "vanilla", baseline),
+                                  *((label, "block_transformer", folder) for label, folder in models.items())]:
+            logger.info("%s: %s", setting.name, label)
+            loads[label] = environment.machine_load()
+            extra = ["--cache-implementation", source_cache] if kind == "vanilla" and source_cache else []
+            measured[label] = _worker(kind, spec, what + extra, dtype, device, threads, repeats)
+        rows.append({"setting": asdict(setting) | {"name": setting.name}, "results": measured, "load_before": loads,
+                     "ratios": {label: _ratios(measured[label], measured[source_label]) for label in models}})
+    record = _record(",".join(models.values()), baseline, dtype, device, threads, repeats, before, rows)
+    return record | {"benchmark": "bt-bench comparison", "models": models, "source": source_label}
+
+
 # (label, kind, mode) for --workload: the converted model's continuous batcher against the source served by
 # transformers' continuous batching and by static batching (groups of `rows` requests)
 WORKLOAD_VARIANTS = (
