@@ -21,6 +21,22 @@ from .errors import ConversionError, first_line
 
 logger = logging.getLogger(__name__)
 
+def expose_base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model.base_model`` the decoder stack for LMs whose ``base_model_prefix`` names no attribute.
+
+    Llama 4's text LM says ``language_model`` but keeps its stack in ``model``, so ``base_model`` is the whole
+    LM; conversion, probe and teacher all reach the stack through ``base_model``. The one pretrained child is
+    taken, on this instance only.
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel) and model.base_model is model:
+        children = [name for name, child in model.named_children() if isinstance(child, PreTrainedModel)]
+        if len(children) == 1:
+            model.base_model_prefix = children[0]
+    return model
+
+
 @dataclass
 class Source:
     """Where a model comes from, and what to record about it in the converted folder."""
@@ -60,12 +76,12 @@ class Source:
                 f"could not load the weights of {self.spec}: {first_line(err)}. "
                 "The weight files may be truncated or corrupt: download them again."
             ) from err
-        return model.eval()
+        return expose_base_model(model.eval())
 
     def skeleton(self) -> torch.nn.Module:
         """The source's architecture on the meta device: its modules, head and weight tying, no weights read."""
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config)
+            return expose_base_model(AutoModelForCausalLM.from_config(self.config))
 
     def load_tokenizer(self):
         try:

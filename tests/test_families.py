@@ -45,6 +45,7 @@ SUBSET = {
     "codegen": "config without pad_token_id (regression)",
     "minicpm3": "residual scale depends on the layer count (a families.yaml entry)",
     "starcoder2": "sliding window, biases",
+    "llama4_text": "chunked attention layers, NoPE layers, interleaved MoE layers (a families.yaml entry)",
 }
 
 
@@ -126,6 +127,35 @@ def test_sliding_layers_keep_their_window_in_tokens():
     assert block.layer_types == tiny_config("gemma2").layer_types[:2]
     assert block.sliding_window == 3  # ceil(8 / 3)
     assert model.config.token_decoder_config.sliding_window == 8
+
+
+def test_chunked_layers_keep_their_chunk_in_tokens():
+    """Llama 4: chunked layers of the block decoder attend within ceil(C / L_B) blocks; the MoE layer list
+    and the NoPE temperature span follow each layer into its decoder."""
+    source, model = _converted("llama4_text")
+    block, token = model.config.block_decoder_config, model.config.token_decoder_config
+    assert block.attention_chunk_size == 3 and token.attention_chunk_size == 8  # ceil(8 / 3) blocks; tokens
+    assert block.floor_scale == -(-source.config.floor_scale // 3) and token.floor_scale == source.config.floor_scale
+    assert block.layer_types == source.config.layer_types[:2] and token.layer_types == source.config.layer_types[2:]
+    assert "chunked_attention" in block.layer_types
+    moe = set(source.config.moe_layers)
+    assert block.moe_layers == [i for i in range(2) if i in moe]
+    assert token.moe_layers == [i - 2 for i in range(2, 4) if i in moe]
+
+
+def test_nope_temperature_reads_each_calls_past_length():
+    """Regression: the block/token caches reported the length *after* the call as the past length, so
+    Llama 4's NoPE layers scaled queries for the wrong positions once ``floor_scale`` bites (cached
+    logits differed from a recompute by ~5e-4)."""
+    config = tiny_config("llama4_text", attention_chunk_size=8, floor_scale=4, no_rope_layer_interval=2)
+    model = convert_model(tiny_source(config), LayerMapping.partition(2, 2), 3, separator_id=0)
+    for length in (4, 9):
+        prompt = torch.randint(3, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+            recomputed = model(out.sequences).logits[0, length - 1 : -1]
+        torch.testing.assert_close(torch.stack(out.scores, 1)[0], recomputed, atol=1e-5, rtol=1e-5)
 
 
 def test_bt_convert_check_records_the_probe(tmp_path):

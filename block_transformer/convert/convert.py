@@ -11,7 +11,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from .. import __version__
 from ..errors import ConversionError, Refused
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
-from ..sources import Source, resolve_source
+from ..sources import Source, expose_base_model, resolve_source
 from . import probe
 from .discovery import Structure, find_structure, measure_arithmetic
 from .families import DEFAULT_ENTRY, Family, family_for
@@ -117,6 +117,7 @@ def conversion_config(
     ``bt-uptrain --dry-run``) this is the same config, planned without reading weights; only the
     embedding and logit arithmetic, which is measured by running the source, keeps its defaults.
     """
+    expose_base_model(source_model)
     family: Family = check_conversion(source_model.config, mapping, block_len, num_prefix_tokens)
     structure = find_structure(source_model, family)
     embeddings = source_model.get_input_embeddings().weight

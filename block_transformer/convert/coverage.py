@@ -18,6 +18,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..errors import BlockTransformerError, Refused, first_line
+from ..sources import expose_base_model
 from .convert import convert_model
 from .discovery import check_architecture, find_structure
 from .families import family_for
@@ -42,6 +43,8 @@ _PER_FAMILY = {
         ffn_config={"hidden_size": 64, "ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
     ),
     "zaya": dict(num_experts_per_tok=1),
+    # chunks must bite within the checks' few tokens (the NoPE temperature scale is tested in test_families)
+    "llama4_text": dict(attention_chunk_size=8, no_rope_layer_interval=2),
     # the library's default has no RoPE parameters for its only layer type (its own default cannot build)
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }
@@ -94,7 +97,7 @@ def tiny_source(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if "norm" in name or "ln" in name:
                 param.add_(torch.randn_like(param) * 0.1)
-    return model.eval()
+    return expose_base_model(model.eval())
 
 
 @dataclass

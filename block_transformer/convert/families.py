@@ -33,6 +33,7 @@ class Family(BaseModel):
     layer_threshold_attrs: tuple[str, ...] = ()  # layer i is special when i >= the value
     layer_end_attrs: tuple[str, ...] = ()  # ... when i <= the value
     depth_scaled_attrs: dict[str, float] = {}
+    token_span_attrs: tuple[str, ...] = ()  # spans counted in token positions: the block decoder counts blocks
     refuse: str | None = None
     refuse_kind: Literal["not_decoder_only", "recurrent", "unsupported"] = "unsupported"
 
@@ -73,6 +74,7 @@ def _with_defaults(family: Family, default: Family) -> Family:
             "layer_index_attrs": tuple(dict.fromkeys(default.layer_index_attrs + family.layer_index_attrs)),
             "layer_threshold_attrs": tuple(dict.fromkeys(default.layer_threshold_attrs + family.layer_threshold_attrs)),
             "layer_end_attrs": tuple(dict.fromkeys(default.layer_end_attrs + family.layer_end_attrs)),
+            "token_span_attrs": tuple(dict.fromkeys(default.token_span_attrs + family.token_span_attrs)),
         }
     )
 

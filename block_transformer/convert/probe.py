@@ -13,7 +13,7 @@ With hooks on the source, on a few tokens:
 (c) *every layer* — each layer of both decoders, fed the input its source layer received, returns what
     that source layer returned: a layer rebuilt wrongly under any mapping (a per-layer setting that did
     not follow it, behaviour that depends on its absolute index) shows here. The block decoder is run on
-    no more tokens than its window in blocks, which is intentionally shorter than the source's.
+    no more tokens than its window (chunk, ...) in blocks, which is intentionally shorter than the source's.
 
 Exact-copy tests cannot catch a layer that was copied right but is run differently (a rescaled input,
 a lost window, a missing logit transform): this does.
@@ -97,7 +97,7 @@ def probe(source: PreTrainedModel, model: BlockTransformerForCausalLM, num_token
         token_added = position_signal(model.token_decoder, layers, positions, dim, dtype)
         hidden = model._run_decoder(model.token_decoder, source_io[first_token_layer][0] - token_added, positions)
         logits_error = _relative(model.logits(hidden).float(), expected)
-    block_tokens = min(num_tokens, sliding_window(model.config.block_decoder_config) or num_tokens)
+    block_tokens = min([num_tokens, *_block_spans(model.config)])
     layers_error = max(
         _layer_errors(model, model.block_decoder, mapping.block, source_io, block_tokens)
         + _layer_errors(model, model.token_decoder, mapping.token, source_io, num_tokens)
@@ -109,6 +109,15 @@ def probe(source: PreTrainedModel, model: BlockTransformerForCausalLM, num_token
         tokens=num_tokens,
         tolerance=tolerance(dtype),
     )
+
+
+def _block_spans(config) -> list[int]:
+    """The spans the block decoder counts in blocks where its source layers counted tokens (sliding window,
+    chunk size, ...): within the shortest, both see the same positions alike."""
+    window = sliding_window(config.block_decoder_config)
+    recorded = [value for key, value in (config.conversion or {}).items()
+                if key.startswith("block_decoder_") and isinstance(value, int)]
+    return [span for span in (window, *recorded) if span]
 
 
 class LayerOutputs:

@@ -66,6 +66,10 @@ def build_config(
         # Keep the attention span in tokens: the block decoder's positions are blocks of L_B tokens.
         block_cfg.sliding_window = max(1, math.ceil(window / block_len))
         conversion = {**conversion, "block_decoder_sliding_window": block_cfg.sliding_window}
+    for name in family.token_span_attrs:
+        if isinstance(getattr(source_config, name, None), int):
+            setattr(block_cfg, name, max(1, math.ceil(getattr(source_config, name) / block_len)))
+            conversion = {**conversion, f"block_decoder_{name}": getattr(block_cfg, name)}
     return BlockTransformerConfig(
         block_decoder_config=block_cfg,
         token_decoder_config=token_cfg,

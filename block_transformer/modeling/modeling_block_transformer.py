@@ -158,7 +158,7 @@ class DecoderKV:
 
     def __init__(self, batch_size: int, windows: dict[str | None, int | None] | None = None, capacity: int | None = None):
         self.batch_size = batch_size
-        self.windows = windows or {None: None}  # attention window per layer type (None: one mask for all)
+        self.windows = windows or {None: (None, None)}  # (window, chunk) per layer type (None: one mask for all)
         self.capacity = capacity  # fixed size (token decoder), or None: grow as blocks arrive
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -174,10 +174,10 @@ class DecoderKV:
             )
         self._layout = layout
         self._kv_len = int(layout.slots.max()) + 1
-        masks = {kind: self._mask(window, attn_impl, dtype) for kind, window in self.windows.items()}
+        masks = {kind: self._mask(*span, attn_impl, dtype) for kind, span in self.windows.items()}
         return masks[None] if None in masks else masks  # per-layer-type masks go in as the family's mapping
 
-    def _mask(self, window: int | None, attn_impl: str, dtype) -> torch.Tensor:
+    def _mask(self, window: int | None, chunk: int | None, attn_impl: str, dtype) -> torch.Tensor:
         layout = self._layout
         slots = layout.slots.unsqueeze(-1)  # [C, W, 1]
         groups = 1 if layout.key_rows is None else layout.key_rows.shape[1]
@@ -185,6 +185,8 @@ class DecoderKV:
         allowed = keys <= slots  # causal; slots past a row's length are never allowed
         if window is not None:
             allowed &= keys > slots - window
+        if chunk is not None:
+            allowed &= keys // chunk == slots // chunk
         if groups > 1:  # a position sees only the entries of its own row
             member_of_key = torch.arange(groups, device=slots.device).repeat_interleave(self._kv_len)
             allowed &= member_of_key == layout.members.unsqueeze(-1)
@@ -217,7 +219,9 @@ class DecoderKV:
         return entries.squeeze(1) if key_rows.shape[1] == 1 else entries.transpose(1, 2).flatten(2, 3)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+        """Entries before this call, as a family reads it to place the call's positions (Llama 4's NoPE
+        temperature): exact for rows written up to the same slot; for others it is the longest row's."""
+        return self._kv_len - self._layout.slots.shape[1] if self._layout is not None else 0
 
     def num_slots(self) -> int:
         """Slots allocated per row (0 before the first call)."""
@@ -340,13 +344,16 @@ def sliding_window(sub_config) -> int | None:
     return getattr(sub_config, "sliding_window", None)
 
 
-def attention_windows(sub_config) -> dict[str | None, int | None]:
-    """Attention window per layer type (``layer_types`` of recent configs); key None when all layers share one."""
+def attention_windows(sub_config) -> dict[str | None, tuple[int | None, int | None]]:
+    """(sliding window, chunk) per layer type (``layer_types`` of recent configs); key None when all layers
+    share one. A chunked layer (Llama 4) attends only inside its chunk of ``attention_chunk_size`` positions."""
     window = sliding_window(sub_config)
     layer_types = getattr(sub_config, "layer_types", None)
     if not layer_types:
-        return {None: window}
-    return {kind: window if kind == "sliding_attention" else None for kind in dict.fromkeys(layer_types)}
+        return {None: (window, None)}
+    chunk = getattr(sub_config, "attention_chunk_size", None)
+    return {kind: (window if kind == "sliding_attention" else None, chunk if kind == "chunked_attention" else None)
+            for kind in dict.fromkeys(layer_types)}
 
 
 @functools.cache
