@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "tradeoff")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "tradeoff.json")
     parser.add_argument("--plot", action="store_true", help="also write the PNG next to --json")
+    parser.add_argument("--markdown", action="store_true", help="print the README table of what --json holds")
     return parser.parse_args()
 
 
@@ -245,6 +246,41 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def markdown(rows: list[dict], step0: Path = ROOT / "benchmarks" / "results" / "step0_ppl.json") -> str:
+    """The README table: one line per mapping, every figure read from the rows (nothing typed by hand); the
+    step-0 perplexity of a mapping not uptrained yet comes from ``benchmarks/step0_ppl.py``'s results."""
+    scored = {r["mapping"]: r["perplexity"] for r in json.loads(step0.read_text())["results"]
+              if r.get("init") in (None, "sink")} if step0.is_file() else {}
+    source = next(row for row in rows if row["mapping"] == "source")
+    budgets = sorted({int(b) for row in rows for b in row["uptraining"]})
+    settings = list(source.get("speed", {}))
+    source_ppl = next((r["source_ppl"] for row in rows for r in row["uptraining"].values()), None)
+    kv_key = next(iter(source["kv_cache_bytes_per_sequence"]))
+    header = ["mapping (`--block-layers` / `--token-layers`, L_B)", "parameters", f"KV cache / seq ({kv_key})",
+              "step-0 ppl", *(f"ppl after {b // 1000}k (× source)" for b in budgets),
+              *(f"whole-call speed-up {s}" for s in settings), *(f"decode speed-up {s}" for s in settings)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row["mapping"] == "source":
+            name, step0 = "source (vanilla)", f"{source_ppl:.1f}" if source_ppl else "—"
+        else:
+            name = f"{row['mapping']} (`{row['block_layers']}` / `{row['token_layers']}`, {row['block_len']})"
+            first = next((r["step0_ppl"] for r in row["uptraining"].values()), scored.get(row["mapping"]))
+            step0 = "—" if first is None else f"{first:.3g}"
+        cells = [name, f"{row['parameters'] / 1e6:.0f}M", f"{row['kv_cache_bytes_per_sequence'][kv_key] / 2**20:.1f} MB", step0]
+        for budget in budgets:
+            result = row["uptraining"].get(str(budget))
+            cells.append(f"{result['final_ppl']:.1f} ({result['final_ppl'] / result['source_ppl']:.1f}×)" if result else
+                         ("—" if row["mapping"] == "source" else "not run"))
+        for key in ("whole_call_tokens_per_s", "decode_tokens_per_s"):
+            for setting in settings:
+                figures = row.get("speed", {}).get(setting)
+                cells.append("1×" if row["mapping"] == "source" else
+                             f"{figures['vs_source'][key]:.2f}×" if figures else "not measured")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -280,6 +316,8 @@ def main() -> int:
         logger.info("speed measured; wrote %s", args.json)
     if args.plot:
         plot(list(rows.values()), args.json.with_suffix(".png"))
+    if args.markdown:
+        print(markdown(list(rows.values())))
     return 0
 
 
