@@ -323,3 +323,18 @@ def test_a_bad_request_in_add_requests_queues_none():
     with pytest.raises(ValueError, match="at least one prompt token"):
         manager.add_requests([[5, 6, 7], []], max_new_tokens=3)
     assert manager.input_queue.empty()
+
+
+def test_sparse_attention_indexer_cache_follows_its_rows():
+    """DeepSeek-V3.2's indexer keeps a key cache of its own: rows that finish, move and join carry it along
+    with the attention keys and values (each request still generates what it generates alone)."""
+    from block_transformer.convert.coverage import tiny_config
+    from block_transformer.convert.coverage import tiny_source as coverage_source
+
+    model = convert_model(coverage_source(tiny_config("deepseek_v32")), LayerMapping.partition(2, 2), 3,
+                          separator_id=0).eval()
+    requests = [dict(input_ids=p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(prompts(5), MAX_NEW_TOKENS)]
+    results = model.generate_batch(requests, max_batch_size=3)
+    for request, result in zip(requests, results.values()):
+        assert result.generated_tokens == alone(model, request["input_ids"], max_new_tokens=request["max_new_tokens"],
+                                                eos_token_id=None), result.request_id

@@ -46,6 +46,8 @@ SUBSET = {
     "minicpm3": "residual scale depends on the layer count (a families.yaml entry)",
     "starcoder2": "sliding window, biases",
     "llama4_text": "chunked attention layers, NoPE layers, interleaved MoE layers (a families.yaml entry)",
+    "deepseek_v32": "indexer-sparse attention (its own key cache, top-k in blocks), MLA",
+    "glm_moe_dsa": "indexer layers that reuse their predecessor's top-k (a families.yaml entry)",
 }
 
 
@@ -141,6 +143,21 @@ def test_chunked_layers_keep_their_chunk_in_tokens():
     moe = set(source.config.moe_layers)
     assert block.moe_layers == [i for i in range(2) if i in moe]
     assert token.moe_layers == [i - 2 for i in range(2, 4) if i in moe]
+
+
+def test_sparse_attention_top_k_is_counted_in_blocks():
+    source, model = _converted("deepseek_v32")
+    assert source.config.index_topk == 4
+    assert model.config.block_decoder_config.index_topk == 2 and model.config.token_decoder_config.index_topk == 4
+
+
+@pytest.mark.parametrize("mapping", [LayerMapping.partition(1, 3), LayerMapping.from_options(None, "0,2", "1,3")])
+def test_a_layer_reusing_its_predecessor_must_follow_it(mapping):
+    """GLM-DSA's "shared" layers reuse the previous layer's top-k: a decoder may not open with one, or put
+    another layer before it (the family's own code fails, or silently reuses the wrong selection)."""
+    config = tiny_config("glm_moe_dsa")
+    with pytest.raises(ConversionError, match="source layer 1 reuses layer 0's result .* start each decoder at a layer that computes its own \\(0, 2\\)"):
+        check_conversion(config, mapping, 3, 2)
 
 
 def test_nope_temperature_reads_each_calls_past_length():

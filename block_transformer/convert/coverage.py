@@ -33,7 +33,7 @@ _TINY = dict(
     vocab_size=TINY_VOCAB, max_position_embeddings=256, head_dim=16, num_experts=4, num_local_experts=4,
     n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-    n_group=1, topk_group=1, sliding_window=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, rotary_dim=8,
+    n_group=1, topk_group=1, sliding_window=8, index_topk=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, rotary_dim=8,
 )
 # Where the library's defaults cannot be shrunk field by field (nested configs, validators).
 _PER_FAMILY = {
@@ -45,6 +45,7 @@ _PER_FAMILY = {
     "zaya": dict(num_experts_per_tok=1),
     # chunks must bite within the checks' few tokens (the NoPE temperature scale is tested in test_families)
     "llama4_text": dict(attention_chunk_size=8, no_rope_layer_interval=2),
+    "glm_moe_dsa": dict(indexer_types=["full", "shared", "full", "shared"]),  # layers reusing a top-k move too
     # the library's default has no RoPE parameters for its only layer type (its own default cannot build)
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
 }

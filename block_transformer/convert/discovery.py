@@ -22,7 +22,7 @@ from ..errors import ConversionError, Refused
 from .families import Family, family_for
 
 # Layer kinds that are attention over the residual stream; any other kind is a recurrent/hybrid layer.
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "indexed_attention", "attention"}
 # "hybrid" and "hybrid_sliding" (Inkling) are attention layers with short-convolution state.
 RECURRENT_LAYER_TYPES = {"linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding", "recurrent", "rwkv"}
 NOT_LM = "not_decoder_only"
@@ -66,8 +66,8 @@ def check_architecture(config: PretrainedConfig) -> Family:
     other = sorted(layer_types - ATTENTION_LAYER_TYPES)
     if other:
         raise Refused(
-            f"cannot convert {model_type!r}: it has {', '.join(other)} layers; only full, sliding-window "
-            "and chunked attention layers have a block-level equivalent so far.",
+            f"cannot convert {model_type!r}: it has {', '.join(other)} layers; only full, sliding-window, "
+            "chunked and indexer-sparse attention layers have a block-level equivalent so far.",
             "recurrent" if set(other) & RECURRENT_LAYER_TYPES else "unsupported",
         )
     return family

@@ -34,6 +34,7 @@ class Family(BaseModel):
     layer_end_attrs: tuple[str, ...] = ()  # ... when i <= the value
     depth_scaled_attrs: dict[str, float] = {}
     token_span_attrs: tuple[str, ...] = ()  # spans counted in token positions: the block decoder counts blocks
+    reuses_previous_layer: dict[str, str] = {}  # per-layer config field: the value of a layer reusing its predecessor
     refuse: str | None = None
     refuse_kind: Literal["not_decoder_only", "recurrent", "unsupported"] = "unsupported"
 

@@ -42,7 +42,26 @@ def check_conversion(config: PretrainedConfig, mapping: LayerMapping, block_len:
             f"--block-len {block_len} with --prefix-tokens {num_prefix_tokens} needs {local} token-decoder positions, "
             f"but the source has {positions}: use --block-len {positions - num_prefix_tokens + 1} or less."
         )
+    _check_reused_layers(config, family, mapping)
     return family
+
+
+def _check_reused_layers(config: PretrainedConfig, family: Family, mapping: LayerMapping) -> None:
+    """A layer that reuses its predecessor's result (GLM-DSA's "shared" indexer layers) needs that predecessor
+    right before it in its new decoder."""
+    for name, value in family.reuses_previous_layer.items():
+        per_layer = getattr(config, name, None) or []
+        for decoder, layers in (("block", mapping.block), ("token", mapping.token)):
+            for position, layer in enumerate(layers):
+                if layer < len(per_layer) and per_layer[layer] == value and (position == 0 or layers[position - 1] != layer - 1):
+                    owners = [i for i, kind in enumerate(per_layer) if kind != value]
+                    raise ConversionError(
+                        f"source layer {layer} reuses layer {layer - 1}'s result ({name} is {value!r}), so it cannot "
+                        + (f"open the {decoder} decoder" if position == 0 else
+                           f"follow layer {layers[position - 1]} in the {decoder} decoder")
+                        + f": start each decoder at a layer that computes its own ({', '.join(map(str, owners))}) "
+                        "and keep runs of layers contiguous."
+                    )
 
 
 def build_config(

@@ -162,6 +162,7 @@ class DecoderKV:
         self.capacity = capacity  # fixed size (token decoder), or None: grow as blocks arrive
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.indexer_keys: dict[int, torch.Tensor] = {}  # sparse-attention indexers (DeepSeek-V3.2): [rows + 1, slots, D]
         self._layout: KVLayout | None = None
         self._kv_len = 0
 
@@ -210,6 +211,19 @@ class DecoderKV:
         self.values[layer_idx][layout.rows, :, layout.slots] = value.transpose(1, 2)
         return self._read(self.keys[layer_idx]), self._read(self.values[layer_idx])
 
+    def update_indexer(self, key: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """The indexer keys of a sparse-attention layer ([C, W, D] in), laid out like ``update``'s keys:
+        [C, G * kv_len, D], so the indexer scores exactly the entries the layer's mask shows."""
+        buffer = self.indexer_keys.get(layer_idx)
+        if buffer is None:
+            buffer = key.new_zeros(self.batch_size + 1, 1, self.capacity or self._kv_len, key.shape[-1])
+        if self._kv_len > buffer.shape[2]:
+            grow = max(self._kv_len, 2 * buffer.shape[2]) - buffer.shape[2]
+            buffer = torch.cat([buffer, buffer.new_zeros(*buffer.shape[:2], grow, buffer.shape[3])], dim=2)
+        buffer[self._layout.rows, :, self._layout.slots] = key.unsqueeze(2)
+        self.indexer_keys[layer_idx] = buffer
+        return self._read(buffer).squeeze(1)
+
     def _read(self, buffer: torch.Tensor) -> torch.Tensor:
         """What the call's chunks attend to: [C, heads, G * kv_len, head_dim]."""
         key_rows = self._layout.key_rows
@@ -217,6 +231,12 @@ class DecoderKV:
             return buffer[: self.batch_size, :, : self._kv_len]
         entries = buffer[key_rows, :, : self._kv_len]  # [C, G, heads, kv_len, head_dim]
         return entries.squeeze(1) if key_rows.shape[1] == 1 else entries.transpose(1, 2).flatten(2, 3)
+
+    def _buffers(self):
+        """(container, index) of every cached tensor [rows + 1, heads, slots, dim], in layer order: keys and
+        values per layer, sparse-attention indexer keys (one head)."""
+        for container in (self.keys, self.values, self.indexer_keys):
+            yield from ((container, i) for i in (list(container) if isinstance(container, dict) else range(len(container))))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Entries before this call, as a family reads it to place the call's positions (Llama 4's NoPE
@@ -234,9 +254,8 @@ class DecoderKV:
         """
         rows = torch.cat([index, index.new_tensor([self.batch_size])])  # the scratch row stays last
         slots = self.num_slots() if self.capacity is not None or num_slots is None else num_slots
-        for buffers in (self.keys, self.values):
-            for i, buffer in enumerate(buffers):
-                buffers[i] = buffer[rows, :, :slots]
+        for buffers, i in self._buffers():
+            buffers[i] = buffers[i][rows, :, :slots]
         self.batch_size = index.shape[0]
 
     def admit(self, joined: "DecoderKV", into: torch.Tensor) -> None:
@@ -249,13 +268,13 @@ class DecoderKV:
         appended = int((into >= self.batch_size).sum())
         rows = self.batch_size + appended
         slots = joined.num_slots()
-        for buffers, sources in ((self.keys, joined.keys), (self.values, joined.values)):
-            for i, (buffer, source) in enumerate(zip(buffers, sources)):
-                if appended or slots > buffer.shape[2]:
-                    grown = buffer.new_zeros(rows + 1, buffer.shape[1], max(slots, buffer.shape[2]), buffer.shape[3])
-                    grown[: self.batch_size, :, : buffer.shape[2]] = buffer[: self.batch_size]
-                    buffers[i] = buffer = grown
-                buffer[into, :, :slots] = source[: joined.batch_size]
+        for (buffers, i), (sources, _) in zip(self._buffers(), joined._buffers()):
+            buffer, source = buffers[i], sources[i]
+            if appended or slots > buffer.shape[2]:
+                grown = buffer.new_zeros(rows + 1, buffer.shape[1], max(slots, buffer.shape[2]), buffer.shape[3])
+                grown[: self.batch_size, :, : buffer.shape[2]] = buffer[: self.batch_size]
+                buffers[i] = buffer = grown
+            buffer[into, :, :slots] = source[: joined.batch_size]
         self.batch_size = rows
 
 
