@@ -48,6 +48,7 @@ SUBSET = {
     "llama4_text": "chunked attention layers, NoPE layers, interleaved MoE layers (a families.yaml entry)",
     "deepseek_v32": "indexer-sparse attention (its own key cache, top-k in blocks), MLA",
     "glm_moe_dsa": "indexer layers that reuse their predecessor's top-k (a families.yaml entry)",
+    "diffllama": "a per-layer constant derived from the layer's depth (restored as layer_scalars)",
 }
 
 
@@ -68,7 +69,8 @@ def test_family_converts_and_passes_every_check(model_type):
         ("mamba2", "state-space"),
         ("bert", "encoder stack"),
         ("openai-gpt", "no KV cache"),
-        ("diffllama", "absolute depth"),
+        ("beam", "absolute depth"),
+        ("hy_v4", "hyper-connections"),
         ("gpt_neo", "per-row cache slots"),
     ],
 )
@@ -143,6 +145,21 @@ def test_chunked_layers_keep_their_chunk_in_tokens():
     moe = set(source.config.moe_layers)
     assert block.moe_layers == [i for i in range(2) if i in moe]
     assert token.moe_layers == [i - 2 for i in range(2, 4) if i in moe]
+
+
+def test_depth_derived_constants_follow_each_layer_through_save_and_load(tmp_path):
+    """DiffLlama builds lambda_init from the layer's index: a moved layer keeps its source value, in memory
+    and after a reload with transformers alone (it was refused before: the probe saw the new index's)."""
+    from transformers import AutoModelForCausalLM
+
+    from block_transformer import export
+
+    source, model = _converted("diffllama")
+    expected = [source.model.layers[i].self_attn.lambda_init for i in (2, 3)]
+    assert [layer.self_attn.lambda_init for layer in model.token_decoder.layers] == expected
+    export.save_model_folder(model, tiny_tokenizer(), tmp_path / "bt")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bt", trust_remote_code=True)
+    assert [layer.self_attn.lambda_init for layer in reloaded.token_decoder.layers] == expected
 
 
 def test_sparse_attention_top_k_is_counted_in_blocks():

@@ -166,6 +166,27 @@ def copy_source_weights(
     return copied + ["embed_tokens.weight", *head]
 
 
+def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure,
+                  mapping: LayerMapping) -> dict[str, dict[str, dict[str, float]]]:
+    """The float attributes each converted layer built differently from its source layer: a family that derives
+    a constant from the layer's index (DiffLlama's lambda_init) would otherwise compute with the new index.
+
+    Only floats: integer attributes (``layer_idx``) index the new decoder's cache and must stay as built.
+    """
+    source_layers = source.base_model.get_submodule(structure.layers)
+    found: dict[str, dict[str, dict[str, float]]] = {}
+    for name, decoder, layers in (("block", model.block_decoder, mapping.block), ("token", model.token_decoder, mapping.token)):
+        ours = decoder.get_submodule(model.config.decoder_layers)
+        for index, source_index in enumerate(layers):
+            theirs = dict(source_layers[source_index].named_modules())
+            for path, module in ours[index].named_modules():
+                for attr, value in vars(module).items():
+                    original = getattr(theirs.get(path), attr, None)
+                    if isinstance(value, float) and isinstance(original, float) and original != value:
+                        found.setdefault(name, {}).setdefault(str(index), {})[f"{path}.{attr}".lstrip(".")] = original
+    return found
+
+
 def _decoder_state(
     state: dict[str, torch.Tensor], structure: Structure, layers: tuple[int, ...] | range, *, final_norm: bool
 ) -> dict[str, torch.Tensor]:

@@ -401,6 +401,14 @@ def _build_decoder(sub_config, final_norm: str | None) -> PreTrainedModel:
     return decoder
 
 
+def set_layer_scalars(layers: nn.ModuleList, scalars: dict[str, dict[str, float]]) -> None:
+    """``{layer index: {"self_attn.lambda_init": value}}`` -> set on those layers (see config.layer_scalars)."""
+    for index, values in scalars.items():
+        for path, value in values.items():
+            owner, _, name = path.rpartition(".")
+            setattr(layers[int(index)].get_submodule(owner), name, value)
+
+
 class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
 
@@ -414,6 +422,8 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self.block_decoder = _build_decoder(config.block_decoder_config, final_norm=config.block_decoder_final_norm)
         self.prefix = nn.Linear(dim, n_prefix * dim, bias=True)
         self.token_decoder = _build_decoder(config.token_decoder_config, final_norm=None)
+        for decoder, name in ((self.block_decoder, "block"), (self.token_decoder, "token")):
+            set_layer_scalars(decoder.get_submodule(config.decoder_layers), (config.layer_scalars or {}).get(name, {}))
         self.lm_head = nn.Linear(dim, config.vocab_size, bias=config.lm_head_bias)
         self._no_split_modules = sorted(
             set(self.block_decoder._no_split_modules or []) | set(self.token_decoder._no_split_modules or [])
