@@ -49,6 +49,7 @@ SUBSET = {
     "deepseek_v32": "indexer-sparse attention (its own key cache, top-k in blocks), MLA",
     "glm_moe_dsa": "indexer layers that reuse their predecessor's top-k (a families.yaml entry)",
     "diffllama": "a per-layer constant derived from the layer's depth (restored as layer_scalars)",
+    "dots3_note_text": "a heterogeneous config (per_layer_config overrides), indexer and sliding layers",
 }
 
 
@@ -160,6 +161,20 @@ def test_depth_derived_constants_follow_each_layer_through_save_and_load(tmp_pat
     export.save_model_folder(model, tiny_tokenizer(), tmp_path / "bt")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bt", trust_remote_code=True)
     assert [layer.self_attn.lambda_init for layer in reloaded.token_decoder.layers] == expected
+
+
+def test_per_layer_overrides_follow_their_layers():
+    """A heterogeneous config's per_layer_config is keyed by layer index: each decoder renumbers it, and the
+    analytic KV-cache size reads each layer's own shape (the global one is ambiguous and raises)."""
+    from block_transformer.bench.settings import Setting
+    from block_transformer.bench.throughput import kv_cache_bytes
+
+    source, model = _converted("dots3_note_text")
+    overrides = source.config.to_dict()["per_layer_config"]
+    assert set(overrides) == {"2", "3"}
+    assert model.config.token_decoder_config.to_dict()["per_layer_config"] == {"0": overrides["2"], "1": overrides["3"]}
+    assert not model.config.block_decoder_config.to_dict().get("per_layer_config")
+    assert kv_cache_bytes(model, Setting(1, 8, 4)) < kv_cache_bytes(source, Setting(1, 8, 4))
 
 
 def test_sparse_attention_top_k_is_counted_in_blocks():

@@ -12,6 +12,7 @@ warm-up call of the full measured size first, then ``repeats`` timed calls; the 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import asdict
@@ -104,6 +105,13 @@ def _attention_shape(config) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
+def _kv_width(config) -> int:
+    """Key (= value) numbers per position summed over the layers; a heterogeneous config's layers differ."""
+    if getattr(config, "is_heterogeneous", False):
+        return sum(math.prod(_attention_shape(config.per_layer_config[i])) for i in range(config.num_hidden_layers))
+    return config.num_hidden_layers * math.prod(_attention_shape(config))
+
+
 def kv_cache_bytes(model, setting: Setting) -> int:
     """KV-cache bytes one sequence holds at the end of a call (analytic, from the architecture).
 
@@ -114,13 +122,10 @@ def kv_cache_bytes(model, setting: Setting) -> int:
     length = setting.prompt_len + setting.new_tokens
     cfg = model.config
     if cfg.model_type == "block_transformer":
-        block_kv, block_hd = _attention_shape(cfg.block_decoder_config)
-        token_kv, token_hd = _attention_shape(cfg.token_decoder_config)
-        block = cfg.block_decoder_config.num_hidden_layers * block_kv * block_hd * (1 + length // cfg.block_len)
-        token = cfg.token_decoder_config.num_hidden_layers * token_kv * token_hd * cfg.token_decoder_len
+        block = _kv_width(cfg.block_decoder_config) * (1 + length // cfg.block_len)
+        token = _kv_width(cfg.token_decoder_config) * cfg.token_decoder_len
         return 2 * dtype_bytes * (block + token)
-    kv, hd = _attention_shape(cfg)
-    return 2 * dtype_bytes * cfg.num_hidden_layers * kv * hd * length
+    return 2 * dtype_bytes * _kv_width(cfg) * length
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:

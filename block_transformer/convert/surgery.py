@@ -117,6 +117,9 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[i
     cfg = copy.deepcopy(source_config)
     total = source_config.num_hidden_layers
     layers = tuple(layers)
+    per_layer = cfg.to_dict().get("per_layer_config")  # heterogeneous configs: {layer index: overrides}
+    if per_layer:
+        cfg.per_layer_config = None  # reassigned below for the new indices
     for name in list(cfg.to_dict()):
         current = getattr(cfg, name, None)
         if isinstance(current, (list, tuple)) and len(current) == total and name not in family.layer_index_attrs:
@@ -134,6 +137,8 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[i
         if isinstance(getattr(cfg, name, None), int):
             setattr(cfg, name, sum(old <= getattr(cfg, name) for old in layers) - 1)
     cfg.num_hidden_layers = len(layers)
+    if per_layer:
+        cfg.per_layer_config = {str(new): per_layer[str(old)] for new, old in enumerate(layers) if str(old) in per_layer}
     cfg.architectures = None
     # Weights are saved dequantised: a GGUF source's quantization_config must not travel along; nor may the
     # source's auto_map, which names remote-code modules the output folder does not ship.
