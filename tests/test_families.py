@@ -50,6 +50,7 @@ SUBSET = {
     "glm_moe_dsa": "indexer layers that reuse their predecessor's top-k (a families.yaml entry)",
     "diffllama": "a per-layer constant derived from the layer's depth (restored as layer_scalars)",
     "dots3_note_text": "a heterogeneous config (per_layer_config overrides), indexer and sliding layers",
+    "beam": "depth-scaled residuals indexed by the layer's depth (restored as layer_scalars)",
 }
 
 
@@ -70,7 +71,7 @@ def test_family_converts_and_passes_every_check(model_type):
         ("mamba2", "state-space"),
         ("bert", "encoder stack"),
         ("openai-gpt", "no KV cache"),
-        ("beam", "absolute depth"),
+        ("gpt_neox_japanese", "only its last layer has an attention-output bias"),
         ("hy_v4", "hyper-connections"),
         ("gpt_neo", "per-row cache slots"),
     ],
@@ -132,6 +133,8 @@ def test_sliding_layers_keep_their_window_in_tokens():
     assert block.layer_types == tiny_config("gemma2").layer_types[:2]
     assert block.sliding_window == 3  # ceil(8 / 3)
     assert model.config.token_decoder_config.sliding_window == 8
+    # regression: restoring depth-derived layer constants put the source's window (8) back on the layer
+    assert model.block_decoder.layers[0].self_attn.sliding_window == 3 and not model.config.layer_scalars
 
 
 def test_chunked_layers_keep_their_chunk_in_tokens():

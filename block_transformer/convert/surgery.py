@@ -173,10 +173,13 @@ def copy_source_weights(
 
 def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure,
                   mapping: LayerMapping) -> dict[str, dict[str, dict[str, float]]]:
-    """The float attributes each converted layer built differently from its source layer: a family that derives
-    a constant from the layer's index (DiffLlama's lambda_init) would otherwise compute with the new index.
+    """The number attributes each converted layer built differently from its source layer: a family that
+    derives a constant from the layer's index (DiffLlama's lambda_init, Beam's residual index) would otherwise
+    compute with the new index.
 
-    Only floats: integer attributes (``layer_idx``) index the new decoder's cache and must stay as built.
+    The layer's index itself (an int equal to the new index here and to the source index there: ``layer_idx``)
+    addresses the new decoder's cache and stays as built; so does an attribute named after a config field (a
+    window, a top-k): the conversion set that one on purpose (spans counted in blocks).
     """
     source_layers = source.base_model.get_submodule(structure.layers)
     found: dict[str, dict[str, dict[str, float]]] = {}
@@ -187,8 +190,11 @@ def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, s
             for path, module in ours[index].named_modules():
                 for attr, value in vars(module).items():
                     original = getattr(theirs.get(path), attr, None)
-                    if isinstance(value, float) and isinstance(original, float) and original != value:
-                        found.setdefault(name, {}).setdefault(str(index), {})[f"{path}.{attr}".lstrip(".")] = original
+                    if type(value) not in (int, float) or type(original) is not type(value) or original == value:
+                        continue
+                    if (value, original) == (index, source_index) or hasattr(source.config, attr):
+                        continue  # the layer's own index, or a converted config setting
+                    found.setdefault(name, {}).setdefault(str(index), {})[f"{path}.{attr}".lstrip(".")] = original
     return found
 
 

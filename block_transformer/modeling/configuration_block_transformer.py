@@ -39,8 +39,8 @@ class BlockTransformerConfig(PretrainedConfig):
             ``cap · tanh(logit_scale · head(h) / cap)`` (no cap when ``None``).
         lm_head_bias: whether the LM head has a bias (Phi-1/2).
         conversion: how the model was made (source, revision, split, init, ...); informational.
-        layer_scalars: per decoder ("block"/"token"), per layer index, float attributes the family derives
-            from a layer's absolute depth (DiffLlama's lambda_init), as the layer had them in the source;
+        layer_scalars: per decoder ("block"/"token"), per layer index, number attributes the family derives
+            from a layer's absolute depth (DiffLlama's lambda_init, Beam's residual index), as the source had them;
             set on the built layers, so a moved layer computes what it computed in the source.
     """
 
@@ -71,7 +71,7 @@ class BlockTransformerConfig(PretrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     conversion: dict[str, Any] | None = None
-    layer_scalars: dict[str, dict[str, dict[str, float]]] | None = None
+    layer_scalars: dict[str, dict[str, dict[str, float | int]]] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
