@@ -51,6 +51,7 @@ SUBSET = {
     "diffllama": "a per-layer constant derived from the layer's depth (restored as layer_scalars)",
     "dots3_note_text": "a heterogeneous config (per_layer_config overrides), indexer and sliding layers",
     "beam": "depth-scaled residuals indexed by the layer's depth (restored as layer_scalars)",
+    "gpt_neox_japanese": "only the last layer has a bias: the block decoder's last gains a zero one (zero_bias_params)",
 }
 
 
@@ -71,7 +72,6 @@ def test_family_converts_and_passes_every_check(model_type):
         ("mamba2", "state-space"),
         ("bert", "encoder stack"),
         ("openai-gpt", "no KV cache"),
-        ("gpt_neox_japanese", "only its last layer has an attention-output bias"),
         ("hy_v4", "hyper-connections"),
         ("gpt_neo", "per-row cache slots"),
     ],
@@ -178,6 +178,21 @@ def test_per_layer_overrides_follow_their_layers():
     assert model.config.token_decoder_config.to_dict()["per_layer_config"] == {"0": overrides["2"], "1": overrides["3"]}
     assert not model.config.block_decoder_config.to_dict().get("per_layer_config")
     assert kv_cache_bytes(model, Setting(1, 8, 4)) < kv_cache_bytes(source, Setting(1, 8, 4))
+
+
+@pytest.mark.parametrize("mapping", [LayerMapping.partition(2, 2), LayerMapping.from_options(None, "0-3", "0-3")])
+def test_a_bias_only_the_last_layer_had_starts_at_zero_elsewhere(mapping):
+    """GPT-NeoX-Japanese builds an attention-output bias on its last layer only: a decoder's last layer that
+    was not the source's last gets a zero one (same function), the source's own bias is copied."""
+    source = tiny_source(tiny_config("gpt_neox_japanese"))
+    bias = source.gpt_neox_japanese.layers[3].attention.dense_bias
+    with torch.no_grad():
+        bias.normal_()  # the family initialises it to zero: make a lost or misplaced copy show
+    model = convert_model(source, mapping, 3, separator_id=0)
+    block_bias = model.block_decoder.layers[-1].attention.dense_bias
+    assert torch.equal(block_bias, bias) if mapping.block[-1] == 3 else not block_bias.any()
+    assert torch.equal(model.token_decoder.layers[-1].attention.dense_bias, bias)
+    assert probe(source, model).passed
 
 
 def test_sparse_attention_top_k_is_counted_in_blocks():

@@ -35,6 +35,7 @@ class Family(BaseModel):
     depth_scaled_attrs: dict[str, float] = {}
     token_span_attrs: tuple[str, ...] = ()  # spans counted in token positions: the block decoder counts blocks
     reuses_previous_layer: dict[str, str] = {}  # per-layer config field: the value of a layer reusing its predecessor
+    zero_bias_params: tuple[str, ...] = ()  # biases a moved layer may gain (zero) where its source layer had none
     refuse: str | None = None
     refuse_kind: Literal["not_decoder_only", "recurrent", "unsupported"] = "unsupported"
 

@@ -21,7 +21,7 @@ from ..errors import ConversionError
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
 from ..modeling.modeling_block_transformer import _build_decoder, sliding_window
 from .discovery import Arithmetic, Structure, check_architecture
-from .families import Family
+from .families import Family, family_for
 from .mapping import LayerMapping
 
 logger = logging.getLogger(__name__)
@@ -157,8 +157,9 @@ def copy_source_weights(
     state = base.state_dict()
     block_state = _decoder_state(state, structure, mapping.block, final_norm=False)
     token_state = _decoder_state(state, structure, mapping.token, final_norm=True)
-    _load_exact(model.block_decoder, block_state, "block decoder")
-    _load_exact(model.token_decoder, token_state, "token decoder")
+    zero_biases = family_for(source.config.model_type).zero_bias_params
+    _load_exact(model.block_decoder, block_state, "block decoder", zero_biases)
+    _load_exact(model.token_decoder, token_state, "token decoder", zero_biases)
     with torch.no_grad():
         model.embed_tokens.weight.copy_(base.get_input_embeddings().weight)
         head = source.get_output_embeddings()
@@ -227,15 +228,22 @@ def lower_stack(source: PreTrainedModel, family: Family, structure: Structure, n
     sub_config._attn_implementation = source.config._attn_implementation
     decoder = _build_decoder(sub_config, structure.final_norm).to(source.get_input_embeddings().weight.dtype)
     state = _decoder_state(source.base_model.state_dict(), structure, range(num_layers), final_norm=False)
-    _load_exact(decoder, state, "lower layers")
+    _load_exact(decoder, state, "lower layers", family.zero_bias_params)
     return decoder.eval()
 
 
-def _load_exact(decoder: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def _load_exact(decoder: torch.nn.Module, state: dict[str, torch.Tensor], what: str, zero_biases: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``decoder``: every tensor must find its place and every place a tensor, except
+    ``zero_biases`` (families.yaml) the decoder builds where its source layer had none: set to zero, they add nothing."""
     result = decoder.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    zeroed = [key for key in result.missing_keys if key.endswith(zero_biases)] if zero_biases else []
+    with torch.no_grad():
+        for key in zeroed:
+            decoder.get_parameter(key).zero_()
+    missing = [key for key in result.missing_keys if key not in zeroed]
+    if missing or result.unexpected_keys:
         raise ConversionError(
-            f"the {what} does not match the source layout (missing {result.missing_keys[:3]}, "
+            f"the {what} does not match the source layout (missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}): the family descriptor is wrong for this checkpoint."
         )
 
