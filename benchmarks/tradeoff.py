@@ -42,6 +42,7 @@ from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
 from block_transformer.export import write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("tradeoff")
+SPEED_KEYS = ("whole_call_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -61,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "tradeoff")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "tradeoff.json")
     parser.add_argument("--plot", action="store_true", help="also write the PNG next to --json")
-    parser.add_argument("--markdown", action="store_true", help="print the README table of what --json holds")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the README table of what --json holds and stop (nothing is run; with --plot, the PNG too)")
     return parser.parse_args()
 
 
@@ -154,8 +156,9 @@ def bench_all(names: list[str], args: argparse.Namespace, source: Path) -> dict[
     if path.is_file():
         record = json.loads(path.read_text())
         same = ([row["setting"]["name"] for row in record["rows"]] == [s.name for s in settings]
-                and record["repeats"] == args.repeats and record["source"] == f"source_{args.source_cache}")
-        if not same or not set(names) <= set(record["models"]):
+                and record["repeats"] == args.repeats and record["source"] == f"source_{args.source_cache}"
+                and args.threads in (None, record["threads"]) and record["models"].items() >= models.items())
+        if not same:
             held = f"{', '.join(record['models'])} at {', '.join(row['setting']['name'] for row in record['rows'])}"
             sys.exit(f"{path} holds another measurement ({held}, {record['repeats']} repeats, {record['source']}); "
                      "delete it to re-measure.")
@@ -170,10 +173,9 @@ def bench_all(names: list[str], args: argparse.Namespace, source: Path) -> dict[
     for row in record["rows"]:
         setting = row["setting"]["name"]
         for label, measured in row["results"].items():
-            figures = {key: measured[key] for key in ("whole_call_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")}
+            figures = {key: measured[key] for key in SPEED_KEYS}
             if label in row["ratios"]:
-                figures["vs_source"] = {key: row["ratios"][label][key] for key in
-                                        ("whole_call_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")}
+                figures["vs_source"] = {key: row["ratios"][label][key] for key in SPEED_KEYS}
             figures["load_before"] = row["load_before"][label]["load_avg"][0]
             speed.setdefault("source" if label == record["source"] else label, {})[setting] = figures
     speed["_meta"] = {"source": record["source"], "repeats": record["repeats"], "threads": record["threads"],
@@ -241,16 +243,17 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xlabel(f"whole-call generation throughput vs source (x, {setting})")
     ax.set_ylabel("held-out perplexity (Python-docs tail)")
     ax.set_yscale("log")
+    ax.margins(x=0.2)  # room for the labels of the rightmost points
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def markdown(rows: list[dict], step0: Path = ROOT / "benchmarks" / "results" / "step0_ppl.json") -> str:
+def markdown(rows: list[dict], step0_json: Path = ROOT / "benchmarks" / "results" / "step0_ppl.json") -> str:
     """The README table: one line per mapping, every figure read from the rows (nothing typed by hand); the
     step-0 perplexity of a mapping not uptrained yet comes from ``benchmarks/step0_ppl.py``'s results."""
-    scored = {r["mapping"]: r["perplexity"] for r in json.loads(step0.read_text())["results"]
-              if r.get("init") in (None, "sink")} if step0.is_file() else {}
+    scored = {r["mapping"]: r["perplexity"] for r in json.loads(step0_json.read_text())["results"]
+              if r.get("init") in (None, "sink")} if step0_json.is_file() else {}
     source = next(row for row in rows if row["mapping"] == "source")
     budgets = sorted({int(b) for row in rows for b in row["uptraining"]})
     settings = list(source.get("speed", {}))
@@ -288,13 +291,21 @@ def main() -> int:
     unknown = [name for name in names if name not in MAPPINGS]
     if unknown:
         sys.exit(f"unknown mapping {unknown[0]!r}: choose from {', '.join(MAPPINGS)}")
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
+    rows = {row["mapping"]: row for row in previous["rows"]}
+    if args.markdown:  # a report of what was measured: nothing runs
+        if not rows:
+            sys.exit(f"{args.json} holds no measurement yet.")
+        if args.plot:
+            plot(list(rows.values()), args.json.with_suffix(".png"))
+        print(markdown(list(rows.values())))
+        return 0
     source, corpus = smollm2_path(), pydocs_path()
     if not source.exists() or not corpus.exists():
         sys.exit("missing demo assets: run `bt-fetch-demo` first.")
-    previous = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
-    rows = {row["mapping"]: row for row in previous["rows"]}
     if "source" not in rows:  # the reference row: the source's own KV cache and size
         rows["source"] = {"mapping": "source", "uptraining": {}, **_source_figures(source, args.bench)}
+
     def write() -> None:
         report = {"benchmark": "tradeoff", "default": DEFAULT, "rows": list(rows.values())}
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
@@ -309,15 +320,15 @@ def main() -> int:
     if "bench" not in args.skip.split(","):
         speed = bench_all(names, args, source)
         meta = speed.pop("_meta")
-        for label, figures in speed.items():
-            rows[label]["speed"] = figures
-            rows[label]["speed_measurement"] = meta
+        for row in rows.values():  # speed figures of one source run only: none left from another
+            row.pop("speed", None)
+            row.pop("speed_measurement", None)
+            if row["mapping"] in speed:
+                row["speed"], row["speed_measurement"] = speed[row["mapping"]], meta
         write()
         logger.info("speed measured; wrote %s", args.json)
     if args.plot:
         plot(list(rows.values()), args.json.with_suffix(".png"))
-    if args.markdown:
-        print(markdown(list(rows.values())))
     return 0
 
 
