@@ -177,7 +177,29 @@ def test_per_layer_overrides_follow_their_layers():
     assert set(overrides) == {"2", "3"}
     assert model.config.token_decoder_config.to_dict()["per_layer_config"] == {"0": overrides["2"], "1": overrides["3"]}
     assert not model.config.block_decoder_config.to_dict().get("per_layer_config")
-    assert kv_cache_bytes(model, Setting(1, 8, 4)) < kv_cache_bytes(source, Setting(1, 8, 4))
+    # K and V numbers per position, layer by layer: source layers 0-1 in the block decoder, 2-3 (overridden)
+    # in the token decoder; fp32, 12 positions: 1 + 12 // 3 block entries, N_P + L_B - 1 = 4 token entries
+    width = [source.config.per_layer_config[i].num_key_value_heads * source.config.per_layer_config[i].head_dim
+             for i in range(4)]
+    assert width[2] == overrides["2"]["num_key_value_heads"] * overrides["2"]["head_dim"] != width[0]
+    expected = 2 * 4 * ((width[0] + width[1]) * (1 + 12 // 3) + (width[2] + width[3]) * 4)
+    assert kv_cache_bytes(model, Setting(1, 8, 4)) == expected
+
+
+def test_per_layer_overrides_of_a_deep_model_keep_their_layers():
+    """Regression: a config with ten layers or more writes its per_layer_config keys zero-padded ("07"), and
+    the renumbering looked them up as "7": the overrides were dropped and the copy failed on shapes."""
+    small = dict(num_attention_heads=2, num_key_value_heads=2, head_dim=24, q_lora_rank=8, kv_lora_rank=8,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=8)
+    layer_types = ["indexed_attention", "sliding_attention"] * 6
+    config = tiny_config("dots3_note_text", num_hidden_layers=12, layer_types=layer_types,
+                         per_layer_config={i: small for i in range(1, 12, 2)})  # every sliding layer
+    source = tiny_source(config)
+    model = convert_model(source, LayerMapping.partition(4, 8), 3, separator_id=0)  # source 11 -> token 7
+    assert set(source.config.to_dict()["per_layer_config"]) >= {"01", "11"}
+    assert {int(k) for k in model.config.block_decoder_config.to_dict()["per_layer_config"]} == {1, 3}
+    assert {int(k) for k in model.config.token_decoder_config.to_dict()["per_layer_config"]} == {1, 3, 5, 7}
+    assert probe(source, model).passed
 
 
 @pytest.mark.parametrize("mapping", [LayerMapping.partition(2, 2), LayerMapping.from_options(None, "0-3", "0-3")])
@@ -201,12 +223,15 @@ def test_sparse_attention_top_k_is_counted_in_blocks():
     assert model.config.block_decoder_config.index_topk == 2 and model.config.token_decoder_config.index_topk == 4
 
 
-@pytest.mark.parametrize("mapping", [LayerMapping.partition(1, 3), LayerMapping.from_options(None, "0,2", "1,3")])
-def test_a_layer_reusing_its_predecessor_must_follow_it(mapping):
+@pytest.mark.parametrize(("mapping", "where"), [
+    (LayerMapping.partition(1, 3), "source layer 1 reuses layer 0's result .* cannot open the token decoder"),
+    (LayerMapping.from_options(None, "0,3", "1-2"), "source layer 3 reuses layer 2's result .* cannot follow layer 0 in the block decoder"),
+])
+def test_a_layer_reusing_its_predecessor_must_follow_it(mapping, where):
     """GLM-DSA's "shared" layers reuse the previous layer's top-k: a decoder may not open with one, or put
     another layer before it (the family's own code fails, or silently reuses the wrong selection)."""
     config = tiny_config("glm_moe_dsa")
-    with pytest.raises(ConversionError, match="source layer 1 reuses layer 0's result .* start each decoder at a layer that computes its own \\(0, 2\\)"):
+    with pytest.raises(ConversionError, match=where + ".* start each decoder at a layer that computes its own \\(0, 2\\)"):
         check_conversion(config, mapping, 3, 2)
 
 

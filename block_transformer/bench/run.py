@@ -102,7 +102,7 @@ def run_comparison(
     settings: list[Setting],
     repeats: int = 3,
     threads: int | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     device: str | None = None,
     source_cache: str | None = None,
 ) -> dict:
@@ -111,13 +111,17 @@ def run_comparison(
     On a CPU the source's calls are most of a benchmark's time, so comparing N conversions this way costs one
     source run instead of N. Per setting the source runs first, then each model in the given order, each in its
     own worker (warm-up of the full size, median of ``repeats``); the load average is recorded before each.
-    Ratios are ``_ratios(model, source)``: > 1 means the model is better.
+    Ratios are ``_ratios(model, source)``: > 1 means the model is better. ``dtype`` defaults to the models'
+    own, which must then agree.
     """
     if not models:
         raise BlockTransformerError("nothing to compare: give at least one converted folder.")
-    for folder in models.values():
-        _, device_found, threads_found = _check_inputs(folder, baseline, dtype, device, threads)
-    device, threads = device_found, threads_found
+    resolved = {label: _check_inputs(folder, baseline, dtype, device, threads) for label, folder in models.items()}
+    if len({r[0] for r in resolved.values()}) > 1:
+        raise BlockTransformerError(
+            f"the models hold different dtypes ({', '.join(f'{k}: {r[0]}' for k, r in resolved.items())}): "
+            "pass one dtype to compare them at.")
+    dtype, device, threads = next(iter(resolved.values()))
     before = environment.describe(device, threads)
     environment.warn_if_busy(before)
     source_label = f"source_{source_cache or 'dynamic'}"

@@ -11,7 +11,6 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from .. import __version__
 from ..errors import ConversionError, Refused
 from ..modeling import BlockTransformerConfig, BlockTransformerForCausalLM
-from ..modeling.modeling_block_transformer import set_layer_scalars
 from ..sources import Source, expose_base_model, resolve_source
 from . import probe
 from .discovery import Structure, find_structure, measure_arithmetic
@@ -88,8 +87,7 @@ def convert_model(
     model = BlockTransformerForCausalLM(config).to(source_model.get_input_embeddings().weight.dtype)
     copy_source_weights(model, source_model, structure, mapping)
     model.config.layer_scalars = layer_scalars(model, source_model, structure, mapping) or None
-    for decoder, name in ((model.block_decoder, "block"), (model.token_decoder, "token")):
-        set_layer_scalars(decoder.get_submodule(config.decoder_layers), (model.config.layer_scalars or {}).get(name, {}))
+    model.apply_layer_scalars()
     lower = _layers_below_token_decoder(model, source_model, mapping, structure) if init == "sink" else None
     init_new_modules(model, init, separator_id, lower)
     model.generation_config = _generation_config(source_model)

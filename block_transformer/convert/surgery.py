@@ -46,11 +46,26 @@ def check_conversion(config: PretrainedConfig, mapping: LayerMapping, block_len:
     return family
 
 
+def _global(config: PretrainedConfig, name: str):
+    """A config field's global value, or None: plain access to a per-layer field of a heterogeneous config
+    (``per_layer_config``) raises."""
+    getter = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    try:
+        return getter(name) if getter is not None else getattr(config, name, None)
+    except AttributeError:
+        return None
+
+
+def _has(config: PretrainedConfig, name: str) -> bool:
+    checker = getattr(config, "_hasattr_without_heterogeneous_validation", None)
+    return checker(name) if checker is not None else hasattr(config, name)
+
+
 def _check_reused_layers(config: PretrainedConfig, family: Family, mapping: LayerMapping) -> None:
     """A layer that reuses its predecessor's result (GLM-DSA's "shared" indexer layers) needs that predecessor
     right before it in its new decoder."""
     for name, value in family.reuses_previous_layer.items():
-        per_layer = getattr(config, name, None) or []
+        per_layer = _global(config, name) or []
         for decoder, layers in (("block", mapping.block), ("token", mapping.token)):
             for position, layer in enumerate(layers):
                 if layer < len(per_layer) and per_layer[layer] == value and (position == 0 or layers[position - 1] != layer - 1):
@@ -86,8 +101,8 @@ def build_config(
         block_cfg.sliding_window = max(1, math.ceil(window / block_len))
         conversion = {**conversion, "block_decoder_sliding_window": block_cfg.sliding_window}
     for name in family.token_span_attrs:
-        if isinstance(getattr(source_config, name, None), int):
-            setattr(block_cfg, name, max(1, math.ceil(getattr(source_config, name) / block_len)))
+        if isinstance(span := _global(source_config, name), int):
+            setattr(block_cfg, name, max(1, math.ceil(span / block_len)))
             conversion = {**conversion, f"block_decoder_{name}": getattr(block_cfg, name)}
     return BlockTransformerConfig(
         block_decoder_config=block_cfg,
@@ -119,6 +134,7 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[i
     layers = tuple(layers)
     per_layer = cfg.to_dict().get("per_layer_config")  # heterogeneous configs: {layer index: overrides}
     if per_layer:
+        per_layer = {int(index): overrides for index, overrides in per_layer.items()}  # keys come zero-padded ("07")
         cfg.per_layer_config = None  # reassigned below for the new indices
     for name in list(cfg.to_dict()):
         current = getattr(cfg, name, None)
@@ -138,7 +154,7 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[i
             setattr(cfg, name, sum(old <= getattr(cfg, name) for old in layers) - 1)
     cfg.num_hidden_layers = len(layers)
     if per_layer:
-        cfg.per_layer_config = {str(new): per_layer[str(old)] for new, old in enumerate(layers) if str(old) in per_layer}
+        cfg.per_layer_config = {new: per_layer[old] for new, old in enumerate(layers) if old in per_layer}
     cfg.architectures = None
     # Weights are saved dequantised: a GGUF source's quantization_config must not travel along; nor may the
     # source's auto_map, which names remote-code modules the output folder does not ship.
@@ -193,7 +209,7 @@ def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, s
                     original = getattr(theirs.get(path), attr, None)
                     if type(value) not in (int, float) or type(original) is not type(value) or original == value:
                         continue
-                    if (value, original) == (index, source_index) or hasattr(source.config, attr):
+                    if (value, original) == (index, source_index) or _has(source.config, attr):
                         continue  # the layer's own index, or a converted config setting
                     found.setdefault(name, {}).setdefault(str(index), {})[f"{path}.{attr}".lstrip(".")] = original
     return found

@@ -156,13 +156,14 @@ class DecoderKV:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, batch_size: int, windows: dict[str | None, int | None] | None = None, capacity: int | None = None):
+    def __init__(self, batch_size: int, windows: dict[str | None, tuple[int | None, int | None]] | None = None,
+                 capacity: int | None = None):
         self.batch_size = batch_size
         self.windows = windows or {None: (None, None)}  # (window, chunk) per layer type (None: one mask for all)
         self.capacity = capacity  # fixed size (token decoder), or None: grow as blocks arrive
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.indexer_keys: dict[int, torch.Tensor] = {}  # sparse-attention indexers (DeepSeek-V3.2): [rows + 1, slots, D]
+        self.indexer_keys: dict[int, torch.Tensor] = {}  # sparse-attention indexers (DeepSeek-V3.2): [rows + 1, 1, slots, D]
         self._layout: KVLayout | None = None
         self._kv_len = 0
 
@@ -201,11 +202,7 @@ class DecoderKV:
             slots = self.capacity or self._kv_len
             self.keys.append(key.new_zeros(self.batch_size + 1, key.shape[1], slots, key.shape[-1]))
             self.values.append(value.new_zeros(self.batch_size + 1, value.shape[1], slots, value.shape[-1]))
-        if self._kv_len > self.keys[layer_idx].shape[2]:
-            grow = max(self._kv_len, 2 * self.keys[layer_idx].shape[2]) - self.keys[layer_idx].shape[2]
-            for buffers in (self.keys, self.values):
-                extra = buffers[layer_idx].new_zeros(*buffers[layer_idx].shape[:2], grow, buffers[layer_idx].shape[3])
-                buffers[layer_idx] = torch.cat([buffers[layer_idx], extra], dim=2)
+        self.keys[layer_idx], self.values[layer_idx] = self._fit(self.keys[layer_idx]), self._fit(self.values[layer_idx])
         layout = self._layout
         self.keys[layer_idx][layout.rows, :, layout.slots] = key.transpose(1, 2)
         self.values[layer_idx][layout.rows, :, layout.slots] = value.transpose(1, 2)
@@ -217,12 +214,17 @@ class DecoderKV:
         buffer = self.indexer_keys.get(layer_idx)
         if buffer is None:
             buffer = key.new_zeros(self.batch_size + 1, 1, self.capacity or self._kv_len, key.shape[-1])
-        if self._kv_len > buffer.shape[2]:
-            grow = max(self._kv_len, 2 * buffer.shape[2]) - buffer.shape[2]
-            buffer = torch.cat([buffer, buffer.new_zeros(*buffer.shape[:2], grow, buffer.shape[3])], dim=2)
+        buffer = self._fit(buffer)
         buffer[self._layout.rows, :, self._layout.slots] = key.unsqueeze(2)
         self.indexer_keys[layer_idx] = buffer
         return self._read(buffer).squeeze(1)
+
+    def _fit(self, buffer: torch.Tensor) -> torch.Tensor:
+        """``buffer`` with room for this call's slots (grown by doubling, so a row's growth costs O(length))."""
+        if self._kv_len <= buffer.shape[2]:
+            return buffer
+        grow = max(self._kv_len, 2 * buffer.shape[2]) - buffer.shape[2]
+        return torch.cat([buffer, buffer.new_zeros(*buffer.shape[:2], grow, buffer.shape[3])], dim=2)
 
     def _read(self, buffer: torch.Tensor) -> torch.Tensor:
         """What the call's chunks attend to: [C, heads, G * kv_len, head_dim]."""
@@ -240,7 +242,9 @@ class DecoderKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Entries before this call, as a family reads it to place the call's positions (Llama 4's NoPE
-        temperature): exact for rows written up to the same slot; for others it is the longest row's."""
+        temperature): exact when the call's rows all write the same slots (an aligned batch, one row); otherwise
+        (rows at different lengths, a packed decode step) it is the highest slot written minus the call's width,
+        which may be no row's own past length."""
         return self._kv_len - self._layout.slots.shape[1] if self._layout is not None else 0
 
     def num_slots(self) -> int:
@@ -401,14 +405,6 @@ def _build_decoder(sub_config, final_norm: str | None) -> PreTrainedModel:
     return decoder
 
 
-def set_layer_scalars(layers: nn.ModuleList, scalars: dict[str, dict[str, float]]) -> None:
-    """``{layer index: {"self_attn.lambda_init": value}}`` -> set on those layers (see config.layer_scalars)."""
-    for index, values in scalars.items():
-        for path, value in values.items():
-            owner, _, name = path.rpartition(".")
-            setattr(layers[int(index)].get_submodule(owner), name, value)
-
-
 class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "embed_tokens.weight"}
 
@@ -422,13 +418,21 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self.block_decoder = _build_decoder(config.block_decoder_config, final_norm=config.block_decoder_final_norm)
         self.prefix = nn.Linear(dim, n_prefix * dim, bias=True)
         self.token_decoder = _build_decoder(config.token_decoder_config, final_norm=None)
-        for decoder, name in ((self.block_decoder, "block"), (self.token_decoder, "token")):
-            set_layer_scalars(decoder.get_submodule(config.decoder_layers), (config.layer_scalars or {}).get(name, {}))
+        self.apply_layer_scalars()
         self.lm_head = nn.Linear(dim, config.vocab_size, bias=config.lm_head_bias)
         self._no_split_modules = sorted(
             set(self.block_decoder._no_split_modules or []) | set(self.token_decoder._no_split_modules or [])
         )
         self.post_init()
+
+    def apply_layer_scalars(self) -> None:
+        """Set ``config.layer_scalars`` on the decoders' layers (numbers their family derives from a layer's depth)."""
+        for decoder, name in ((self.block_decoder, "block"), (self.token_decoder, "token")):
+            layers = decoder.get_submodule(self.config.decoder_layers)
+            for index, values in (self.config.layer_scalars or {}).get(name, {}).items():
+                for path, value in values.items():
+                    owner, _, attr = path.rpartition(".")
+                    setattr(layers[int(index)].get_submodule(owner), attr, value)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
