@@ -189,7 +189,7 @@ def copy_source_weights(
 
 
 def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure,
-                  mapping: LayerMapping) -> dict[str, dict[str, dict[str, float]]]:
+                  mapping: LayerMapping) -> dict[str, dict[str, dict[str, float | int]]]:
     """The number attributes each converted layer built differently from its source layer: a family that
     derives a constant from the layer's index (DiffLlama's lambda_init, Beam's residual index) would otherwise
     compute with the new index.
@@ -199,7 +199,7 @@ def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, s
     window, a top-k): the conversion set that one on purpose (spans counted in blocks).
     """
     source_layers = source.base_model.get_submodule(structure.layers)
-    found: dict[str, dict[str, dict[str, float]]] = {}
+    found: dict[str, dict[str, dict[str, float | int]]] = {}
     for name, decoder, layers in (("block", model.block_decoder, mapping.block), ("token", model.token_decoder, mapping.token)):
         ours = decoder.get_submodule(model.config.decoder_layers)
         for index, source_index in enumerate(layers):
