@@ -140,8 +140,8 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
     return row
 
 
-def bench_all(names: list[str], args: argparse.Namespace, source: Path) -> dict[str, dict]:
-    """Speed of every mapping's conversion against one source run per setting -> {mapping: figures}.
+def bench_all(names: list[str], args: argparse.Namespace, source: Path) -> tuple[dict[str, dict], dict]:
+    """Speed of every mapping's conversion against one source run per setting -> ({mapping: figures}, how).
 
     The record is kept in ``--workdir/bench.json`` and reused when it measured these mappings (or more) with
     the same settings; one that does not fit is refused rather than mixed with new figures.
@@ -178,9 +178,9 @@ def bench_all(names: list[str], args: argparse.Namespace, source: Path) -> dict[
                 figures["vs_source"] = {key: row["ratios"][label][key] for key in SPEED_KEYS}
             figures["load_before"] = row["load_before"][label]["load_avg"][0]
             speed.setdefault("source" if label == record["source"] else label, {})[setting] = figures
-    speed["_meta"] = {"source": record["source"], "repeats": record["repeats"], "threads": record["threads"],
-                      "hardware": record["environment"]["hardware"], "command": record.get("command")}
-    return speed
+    meta = {"source": record["source"], "repeats": record["repeats"], "threads": record["threads"],
+            "hardware": record["environment"]["hardware"], "command": record.get("command")}
+    return speed, meta
 
 
 def _parameters(folder: Path) -> int:
@@ -318,8 +318,7 @@ def main() -> int:
         write()
         logger.info("%s measured; wrote %s", name, args.json)
     if "bench" not in args.skip.split(","):
-        speed = bench_all(names, args, source)
-        meta = speed.pop("_meta")
+        speed, meta = bench_all(names, args, source)
         for row in rows.values():  # speed figures of one source run only: none left from another
             row.pop("speed", None)
             row.pop("speed_measurement", None)

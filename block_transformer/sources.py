@@ -81,7 +81,7 @@ class Source:
     def skeleton(self) -> torch.nn.Module:
         """The source's architecture on the meta device: its modules, head and weight tying, no weights read."""
         with torch.device("meta"):
-            return expose_base_model(AutoModelForCausalLM.from_config(self.config))
+            return AutoModelForCausalLM.from_config(self.config)
 
     def load_tokenizer(self):
         try:

@@ -18,7 +18,6 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..errors import BlockTransformerError, Refused, first_line
-from ..sources import expose_base_model
 from .convert import convert_model
 from .discovery import check_architecture, find_structure
 from .families import family_for
@@ -98,7 +97,7 @@ def tiny_source(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
         for name, param in model.named_parameters():
             if "norm" in name or "ln" in name:
                 param.add_(torch.randn_like(param) * 0.1)
-    return expose_base_model(model.eval())
+    return model.eval()
 
 
 @dataclass

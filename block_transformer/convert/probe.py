@@ -28,7 +28,6 @@ from transformers import PreTrainedModel
 
 from ..errors import ConversionError
 from ..modeling import BlockTransformerForCausalLM
-from ..modeling.modeling_block_transformer import sliding_window
 from .discovery import LayerInputs, position_signal
 from .mapping import LayerMapping
 
@@ -113,11 +112,10 @@ def probe(source: PreTrainedModel, model: BlockTransformerForCausalLM, num_token
 
 def _block_spans(config) -> list[int]:
     """The spans the block decoder counts in blocks where its source layers counted tokens (sliding window,
-    chunk size, ...): within the shortest, both see the same positions alike."""
-    window = sliding_window(config.block_decoder_config)
-    recorded = [value for key, value in (config.conversion or {}).items()
-                if key.startswith("block_decoder_") and isinstance(value, int)]
-    return [span for span in (window, *recorded) if span]
+    chunk size, ...; the conversion records each as ``block_decoder_<field>``): within the shortest, both see
+    the same positions alike."""
+    return [value for key, value in (config.conversion or {}).items()
+            if key.startswith("block_decoder_") and isinstance(value, int)]
 
 
 class LayerOutputs:
