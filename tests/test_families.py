@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
 
 from block_transformer.cli import convert_cmd
 from block_transformer.convert import LayerMapping
@@ -19,6 +20,7 @@ from block_transformer.convert.convert import convert_model
 from block_transformer.convert.coverage import check_family, tiny_config, tiny_source
 from block_transformer.convert.families import families, parse_families
 from block_transformer.convert.probe import probe
+from block_transformer.convert.discovery import check_architecture, find_structure
 from block_transformer.convert.surgery import check_conversion
 from block_transformer.errors import ConversionError
 from conftest import assert_one_line_error, tiny_tokenizer
@@ -52,6 +54,11 @@ SUBSET = {
     "dots3_note_text": "a heterogeneous config (per_layer_config overrides), indexer and sliding layers",
     "beam": "depth-scaled residuals indexed by the layer's depth (restored as layer_scalars)",
     "gpt_neox_japanese": "only the last layer has a bias: the block decoder's last gains a zero one (zero_bias_params)",
+    "bloom": "a LayerNorm on the token embeddings (embedding norm), ALiBi built from a padding mask",
+    "nanochat": "one parameter-free norm both before the first layer and after the last",
+    "longcat_flash": "two attention sub-layers per decoder layer: num_hidden_layers counts those (depth_attr)",
+    "modernbert-decoder": "an embedding norm inside an embeddings module, an MLP before the LM head, layer 0 built "
+                          "without an attention norm (layer_modules)",
 }
 
 
@@ -124,6 +131,50 @@ def test_probe_catches_a_lost_logit_softcap():
     model.config.final_logit_softcapping = None
     source.config.final_logit_softcapping = 0.5  # make the cap bite on a random model's small logits
     assert not probe(source, model).passed
+
+
+def test_probe_catches_a_lost_embedding_norm():
+    """BLOOM normalises token embeddings before its first layer; the model holds that norm and applies it once."""
+    source, model = _converted("bloom")
+    assert model.config.embedding_norm == "word_embeddings_layernorm" and model.config.block_decoder_final_norm == "ln_f"
+    assert isinstance(model.block_decoder.word_embeddings_layernorm, torch.nn.Identity)
+    assert isinstance(model.token_decoder.word_embeddings_layernorm, torch.nn.Identity)
+    assert torch.equal(model.embedding_norm.weight, source.transformer.word_embeddings_layernorm.weight)
+    assert probe(source, model).passed
+    model.embedding_norm = torch.nn.Identity()
+    assert probe(source, model).input_error > 0.1
+
+
+def test_one_norm_at_both_ends_is_applied_at_both(monkeypatch):
+    """NanoChat runs one parameter-free norm on the embeddings and on the last layer's output."""
+    source, model = _converted("nanochat")
+    assert model.config.embedding_norm == model.config.block_decoder_final_norm == "norm" and model.shares_final_norm
+    assert probe(source, model).passed
+    monkeypatch.setattr(type(model), "shares_final_norm", property(lambda self: False))
+    report = probe(source, model)
+    assert report.input_error == 0 and report.logits_error > report.tolerance
+
+
+def test_a_module_built_by_depth_is_rebuilt_as_its_source_layer_had_it(tmp_path):
+    """ModernBERT-decoder builds layer 0 without an attention norm: the token decoder's first layer (source
+    layer 2) needs one, copied from a sibling built alike, after save and load too."""
+    source, model = _converted("modernbert-decoder")
+    assert model.config.layer_modules == {"token": {"0": {"attn_norm": "mlp_norm"}}}
+    assert isinstance(model.block_decoder.layers[0].attn_norm, torch.nn.Identity)
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    norm = reloaded.token_decoder.layers[0].attn_norm
+    assert isinstance(norm, torch.nn.LayerNorm) and torch.equal(norm.weight, source.model.layers[2].attn_norm.weight)
+    assert model.config.head_transform.endswith("ModernBertDecoderPredictionHead")
+    assert torch.equal(reloaded.head_transform.dense.weight, source.lm_head.dense.weight)
+
+
+def test_a_skeleton_finds_the_embedding_norm_too():
+    """bt-uptrain --dry-run plans from a source on the meta device: discovery runs the hooks there as well."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(tiny_config("bloom"))
+    structure = find_structure(skeleton, check_architecture(skeleton.config))
+    assert (structure.embedding_norm, structure.final_norm) == ("word_embeddings_layernorm", "ln_f")
 
 
 def test_sliding_layers_keep_their_window_in_tokens():

@@ -18,7 +18,7 @@ from .families import DEFAULT_ENTRY, Family, family_for
 from .init_names import DEFAULT_INIT
 from .inits import init_new_modules
 from .mapping import LayerMapping
-from .surgery import build_config, check_conversion, copy_source_weights, is_tied, layer_scalars, lower_stack
+from .surgery import build_config, check_conversion, copy_source_weights, is_tied, layer_modules, layer_scalars, lower_stack
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ def convert_model(
     """Surgery on an in-memory causal LM: copy its weights, then initialise the new modules."""
     config, structure = conversion_config(source_model, mapping, block_len, num_prefix_tokens, init, separator_id, source_info)
     model = BlockTransformerForCausalLM(config).to(source_model.get_input_embeddings().weight.dtype)
+    model.config.layer_modules = layer_modules(model, source_model, structure, mapping) or None
+    model.apply_layer_modules()
     copy_source_weights(model, source_model, structure, mapping)
     model.config.layer_scalars = layer_scalars(model, source_model, structure, mapping) or None
     model.apply_layer_scalars()
@@ -127,7 +129,8 @@ def conversion_config(
         **(source_info or {}),
         "family": source_model.config.model_type if family.name == DEFAULT_ENTRY else family.name,
         "model_type": source_model.config.model_type,
-        **mapping.record(source_model.config.num_hidden_layers),
+        **mapping.record(getattr(source_model.config, family.depth_attr)),
+        **({"depth_attr": family.depth_attr} if family.depth_attr != "num_hidden_layers" else {}),
         "init": init,
         "separator_id": separator_id,
         "dtype": str(embeddings.dtype).removeprefix("torch."),
@@ -144,9 +147,14 @@ def conversion_config(
         structure=structure,
         arithmetic=None if embeddings.is_meta else measure_arithmetic(source_model, structure),
         lm_head_bias=getattr(source_model.get_output_embeddings(), "bias", None) is not None,
+        head_transform=_class_path(source_model.get_submodule(structure.head_transform)) if structure.head_transform else None,
     )
     config._attn_implementation = source_model.config._attn_implementation
     return config, structure
+
+
+def _class_path(module: torch.nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 def resolve_separator(tokenizer, config: PretrainedConfig, token: str | None = None, *, setting: str | None = None) -> int:

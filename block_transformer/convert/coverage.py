@@ -44,6 +44,7 @@ _PER_FAMILY = {
     "zaya": dict(num_experts_per_tok=1),
     # chunks must bite within the checks' few tokens (the NoPE temperature scale is tested in test_families)
     "llama4_text": dict(attention_chunk_size=8, no_rope_layer_interval=2),
+    "longcat_flash": dict(num_layers=4, num_hidden_layers=8),  # two attention sub-layers per layer
     "glm_moe_dsa": dict(indexer_types=["full", "shared", "full", "shared"]),  # layers reusing a top-k move too
     # the library's default has no RoPE parameters for its only layer type (its own default cannot build)
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
@@ -181,11 +182,17 @@ def exact_copies(source: torch.nn.Module, model) -> bool:
                 return False  # a layer in both decoders must be two tensors, not one shared
         elif tensor is embedding:
             targets = ["embed_tokens.weight"]
+        elif structure.embedding_norm and name.startswith(f"{structure.embedding_norm}."):
+            targets = [f"embedding_norm.{name[len(structure.embedding_norm) + 1:]}"]
         elif structure.final_norm and name.startswith(f"{structure.final_norm}."):
             targets = [f"token_decoder.{name}"]
         else:
             targets = [f"block_decoder.{name}", f"token_decoder.{name}"]
         if not all(torch.equal(ours[t], tensor) for t in targets):
+            return False
+    if structure.head_transform:
+        theirs = source.get_submodule(structure.head_transform).state_dict()
+        if not all(torch.equal(tensor, theirs[name]) for name, tensor in model.head_transform.state_dict().items()):
             return False
     head = source.get_output_embeddings()
     return torch.equal(model.lm_head.weight, head.weight) and (

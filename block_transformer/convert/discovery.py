@@ -37,6 +37,8 @@ class Structure:
     layers: str
     embedding: str
     final_norm: str | None
+    embedding_norm: str | None = None  # a norm applied to inputs_embeds before the first layer (may be final_norm)
+    head_transform: str | None = None  # a module of the causal LM between the base model and its LM head
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
         raise Refused(
             f"cannot convert {source.config.model_type!r}: the family has no KV cache, which cached block decoding needs."
         )
-    layers = family.layers or _find_layers(source)
+    layers = family.layers or _find_layers(source, getattr(source.config, family.depth_attr))
     if layers.startswith("encoder."):
         raise Refused(
             f"cannot convert {source.config.model_type!r}: an encoder stack (BERT-style) used as a decoder, "
@@ -100,14 +102,47 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
         if prefix + name not in (layers, embedding)
         and not isinstance(child, nn.Embedding)
         and any(True for _ in child.parameters())
-        and ("norm" in type(child).__name__.lower() or "norm" in name.lower())
+        and _norm_like(name, child)
     ]
-    final_norm = family.final_norm or _one_or_none(norms, "final norm", source)
-    return Structure(layers=layers, embedding=embedding, final_norm=final_norm)
+    outside = [path for path, module in base.named_modules()
+               if path and not path.startswith(f"{layers}.") and path != layers and _norm_like(path, module)]
+    head = source.get_output_embeddings()
+    transforms = [name for name, child in source.named_children()  # ModernBERT-decoder: dense, act, norm
+                  if child is not base and child is not head and any(True for _ in child.parameters())]
+    head_transform = _one_or_none(transforms, "head transform", source)
+    if family.final_norm or (len(norms) <= 1 and outside == norms):  # the usual layout: one final norm, or none
+        final_norm = family.final_norm or _one_or_none(norms, "final norm", source)
+        return Structure(layers=layers, embedding=embedding, final_norm=final_norm, head_transform=head_transform)
+    before, after = _norms_around_layers(base, base.get_submodule(layers), outside)
+    return Structure(layers=layers, embedding=embedding, final_norm=_one_or_none(after, "final norm", source),
+                     embedding_norm=_one_or_none(before, "embedding norm", source), head_transform=head_transform)
 
 
-def _find_layers(source: PreTrainedModel) -> str:
-    n = source.config.num_hidden_layers
+def _norm_like(name: str, module: nn.Module) -> bool:
+    return not isinstance(module, nn.Embedding) and (
+        "norm" in type(module).__name__.lower() or "norm" in name.rpartition(".")[2].lower())
+
+
+@torch.no_grad()
+def _norms_around_layers(base: PreTrainedModel, layers: nn.ModuleList, paths: list[str]) -> tuple[list[str], list[str]]:
+    """Which of the modules at ``paths`` run before the first layer and which after the last, on a few tokens
+    (the source's own device: the meta device of a skeleton works too): a family with a norm on its
+    embeddings (BLOOM, ModernBERT-decoder), or one norm for both (NanoChat)."""
+    events: list[str] = []
+    handles = [base.get_submodule(path).register_forward_hook(lambda *_, path=path: events.append(path)) for path in paths]
+    handles.append(layers[0].register_forward_pre_hook(lambda *_: events.append("<first layer>")))
+    handles.append(layers[-1].register_forward_hook(lambda *_: events.append("<last layer>")))
+    embedding = base.get_input_embeddings().weight
+    try:
+        base(input_ids=torch.zeros(1, 4, dtype=torch.long, device=embedding.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    first, last = events.index("<first layer>"), len(events) - 1 - events[::-1].index("<last layer>")
+    return list(dict.fromkeys(events[:first])), list(dict.fromkeys(events[last + 1 :]))
+
+
+def _find_layers(source: PreTrainedModel, n: int) -> str:
     layer_classes = set(getattr(source, "_no_split_modules", None) or [])
     lists = [
         (name, module)
@@ -160,9 +195,11 @@ class LayerInputs:
 
 
 @torch.no_grad()
-def position_signal(base: PreTrainedModel, layers: nn.ModuleList, positions: torch.Tensor, dim: int, dtype) -> torch.Tensor:
-    """What the base model adds to ``inputs_embeds`` before layer 0 at ``positions`` ([1, T] -> [T, D])."""
-    hook = LayerInputs(layers[0])
+def position_signal(base: PreTrainedModel, layers: nn.ModuleList, positions: torch.Tensor, dim: int, dtype,
+                    first: nn.Module | None = None) -> torch.Tensor:
+    """What the base model adds to ``inputs_embeds`` before layer 0 (or the module ``first``) at ``positions``
+    ([1, T] -> [T, D])."""
+    hook = LayerInputs(layers[0] if first is None else first)
     try:
         base(inputs_embeds=torch.zeros(1, positions.shape[1], dim, dtype=dtype), position_ids=positions, use_cache=False)
         return hook.take()[0]
@@ -180,19 +217,28 @@ def measure_arithmetic(source: PreTrainedModel, structure: Structure) -> Arithme
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, embed.shape[0], (1, 6), generator=generator)
     positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    added = position_signal(base, layers, positions, dim, dtype)
-    hook = LayerInputs(layers[0])
+    # With an embedding norm the multipliers are measured at its input; layer 0 must see its output.
+    first = base.get_submodule(structure.embedding_norm) if structure.embedding_norm else layers[0]
+    added = position_signal(base, layers, positions, dim, dtype, first)
+    hook, seen = LayerInputs(first), LayerInputs(layers[0])
     try:
         probe = torch.randn(1, ids.shape[1], dim, generator=generator).to(dtype)
         base(inputs_embeds=probe.clone(), position_ids=positions, use_cache=False)  # some scale it in place
         decoder_input = _fit_scale(hook.take()[0] - added, probe[0], "inputs_embeds", source)
+        seen.take()
         final = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
-        embedding = _fit_scale(hook.take()[0] - added, embed[ids[0]], "token embeddings", source)
+        normed = hook.take()
+        embedding = _fit_scale(normed[0] - added, embed[ids[0]], "token embeddings", source)
+        if structure.embedding_norm and not torch.allclose(first(normed), seen.take(), rtol=1e-5, atol=1e-6):
+            raise ConversionError(
+                f"{type(source).__name__}'s first layer does not receive the output of {structure.embedding_norm!r} "
+                "directly: conversion cannot reproduce what happens in between.")
     finally:
         hook.close()
+        seen.close()
     logits = source(input_ids=ids, position_ids=positions, use_cache=False).logits[0].float()
     head = source.get_output_embeddings()
-    raw = head(final)[0].float()
+    raw = head(final if structure.head_transform is None else source.get_submodule(structure.head_transform)(final))[0].float()
     softcap = next((getattr(source.config, a) for a in SOFTCAP_ATTRS if getattr(source.config, a, None)), None)
     if softcap:
         logits = torch.atanh((logits / softcap).clamp(-1 + 1e-7, 1 - 1e-7)) * softcap

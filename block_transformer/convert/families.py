@@ -28,6 +28,7 @@ class Family(BaseModel):
     model_types: tuple[str, ...] = ()
     separators: tuple[str, ...] = ()
     layers: str | None = None
+    depth_attr: str = "num_hidden_layers"  # the config field counting the entries of the layer list
     final_norm: str | None = None
     layer_index_attrs: tuple[str, ...] = ()
     layer_threshold_attrs: tuple[str, ...] = ()  # layer i is special when i >= the value
@@ -85,6 +86,12 @@ def _with_defaults(family: Family, default: Family) -> Family:
 def families() -> dict[str, Family]:
     raw = yaml.safe_load(resources.files(__package__).joinpath("families.yaml").read_text())
     return parse_families(raw)
+
+
+def stack_depth(config) -> int:
+    """Entries of a source's decoder-layer list (LongCat-Flash's num_hidden_layers counts its attention sub-layers)."""
+    entry = families().get(config.model_type)
+    return getattr(config, entry.depth_attr if entry is not None else "num_hidden_layers")
 
 
 def family_for(model_type: str) -> Family:

@@ -34,7 +34,7 @@ def check_conversion(config: PretrainedConfig, mapping: LayerMapping, block_len:
         raise ConversionError(f"--block-len must be >= 1, got {block_len}")
     if num_prefix_tokens < 1:
         raise ConversionError(f"--prefix-tokens must be >= 1, got {num_prefix_tokens}")
-    mapping.check(config.num_hidden_layers)
+    mapping.check(getattr(config, family.depth_attr))
     positions = getattr(config, "max_position_embeddings", None)
     local = num_prefix_tokens + block_len - 1  # the token decoder's positions: prefix + block minus its last token
     if positions is not None and local > positions:
@@ -91,6 +91,7 @@ def build_config(
     structure: Structure,
     arithmetic: Arithmetic | None = None,
     lm_head_bias: bool = False,
+    head_transform: str | None = None,
 ) -> BlockTransformerConfig:
     """The converted model's config; without ``arithmetic`` (a source on the meta device) its defaults."""
     block_cfg = _sub_config(source_config, family, mapping.block)
@@ -110,6 +111,8 @@ def build_config(
         block_len=block_len,
         num_prefix_tokens=num_prefix_tokens,
         block_decoder_final_norm=structure.final_norm,
+        embedding_norm=structure.embedding_norm,
+        head_transform=head_transform,
         decoder_layers=structure.layers,
         **(dataclasses.asdict(arithmetic) if arithmetic is not None else {}),
         lm_head_bias=lm_head_bias,
@@ -130,7 +133,7 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[i
     ``families.yaml``) are renumbered, so each new layer builds as its source layer did.
     """
     cfg = copy.deepcopy(source_config)
-    total = source_config.num_hidden_layers
+    total = getattr(source_config, family.depth_attr)
     layers = tuple(layers)
     per_layer = cfg.to_dict().get("per_layer_config")  # heterogeneous configs: {layer index: overrides}
     if per_layer:
@@ -152,7 +155,7 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[i
     for name in family.layer_end_attrs:  # "... when i <= end"
         if isinstance(getattr(cfg, name, None), int):
             setattr(cfg, name, sum(old <= getattr(cfg, name) for old in layers) - 1)
-    cfg.num_hidden_layers = len(layers)
+    setattr(cfg, family.depth_attr, len(layers))
     if per_layer:
         cfg.per_layer_config = {new: per_layer[old] for new, old in enumerate(layers) if old in per_layer}
     cfg.architectures = None
@@ -176,6 +179,11 @@ def copy_source_weights(
     zero_biases = family_for(source.config.model_type).zero_bias_params
     _load_exact(model.block_decoder, block_state, "block decoder", zero_biases)
     _load_exact(model.token_decoder, token_state, "token decoder", zero_biases)
+    norm_state = _embedding_norm_state(state, structure)
+    if norm_state:
+        _load_exact(model.embedding_norm, norm_state, "embedding norm")
+    if structure.head_transform:
+        _load_exact(model.head_transform, source.get_submodule(structure.head_transform).state_dict(), "head transform")
     with torch.no_grad():
         model.embed_tokens.weight.copy_(base.get_input_embeddings().weight)
         head = source.get_output_embeddings()
@@ -184,8 +192,39 @@ def copy_source_weights(
         if model.config.lm_head_bias:
             model.lm_head.bias.copy_(head.bias)
     copied = [f"block_decoder.{k}" for k in block_state] + [f"token_decoder.{k}" for k in token_state]
+    copied += [f"embedding_norm.{k}" for k in norm_state]
+    copied += [f"head_transform.{k}" for k in (model.head_transform.state_dict() if structure.head_transform else ())]
     head = ["lm_head.weight", "lm_head.bias"] if model.config.lm_head_bias else ["lm_head.weight"]
     return copied + ["embed_tokens.weight", *head]
+
+
+def layer_modules(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure,
+                  mapping: LayerMapping) -> dict[str, dict[str, dict[str, str | None]]]:
+    """Sub-modules each converted layer built differently from its source layer because of its new depth
+    (ModernBERT-decoder's layer 0 has no attention norm): how to rebuild each as the source had it, a sibling
+    module built alike (same class and settings) to copy, or None for an identity."""
+    source_layers = source.base_model.get_submodule(structure.layers)
+    found: dict[str, dict[str, dict[str, str | None]]] = {}
+    for name, decoder, layers in (("block", model.block_decoder, mapping.block), ("token", model.token_decoder, mapping.token)):
+        ours = decoder.get_submodule(model.config.decoder_layers)
+        for index, source_index in enumerate(layers):
+            theirs = source_layers[source_index]
+            mine = dict(ours[index].named_modules())
+            for path, module in theirs.named_modules():
+                if not path or path not in mine or _built_alike(mine[path], module):
+                    continue
+                like = None if isinstance(module, torch.nn.Identity) else next(
+                    (other for other, sibling in mine.items() if other != path and _built_alike(sibling, module)), False)
+                if like is False:
+                    raise ConversionError(
+                        f"source layer {source_index} has a {type(module).__name__} at {path!r} that its new place "
+                        f"({name} decoder layer {index}) builds differently, and no module built alike to copy.")
+                found.setdefault(name, {}).setdefault(str(index), {})[path] = like
+    return found
+
+
+def _built_alike(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return type(a) is type(b) and a.extra_repr() == b.extra_repr()
 
 
 def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure,
@@ -209,8 +248,8 @@ def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, s
                     original = getattr(theirs.get(path), attr, None)
                     if type(value) not in (int, float) or type(original) is not type(value) or original == value:
                         continue
-                    if (value, original) == (index, source_index) or _has(source.config, attr):
-                        continue  # the layer's own index, or a converted config setting
+                    if (value, original) == (index, source_index) or attr == "layer_idx" or _has(source.config, attr):
+                        continue  # the layer's own index (or its sub-layers' cache index), or a converted config setting
                     found.setdefault(name, {}).setdefault(str(index), {})[f"{path}.{attr}".lstrip(".")] = original
     return found
 
@@ -220,14 +259,15 @@ def _decoder_state(
 ) -> dict[str, torch.Tensor]:
     """The base-model state of a decoder made of the source ``layers`` (renumbered from 0; a layer listed in
     two decoders lands in both), the shared non-layer state (position tables, ...) and, if asked, the final
-    norm; never the vocabulary table (the model owns one shared table)."""
+    norm; never the vocabulary table nor an embedding norm (the model owns those)."""
     layer_prefix = f"{structure.layers}."
+    embedding_norm = _embedding_norm_state(state, structure, prefixed=True)  # the model holds that norm itself
     sub: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if key.startswith(layer_prefix):
             index, rest = key[len(layer_prefix) :].split(".", 1)
             sub.update({f"{layer_prefix}{new}.{rest}": tensor for new, old in enumerate(layers) if old == int(index)})
-        elif key.startswith(f"{structure.embedding}."):
+        elif key.startswith(f"{structure.embedding}.") or key in embedding_norm:
             continue
         elif structure.final_norm and key.startswith(f"{structure.final_norm}."):
             if final_norm:
@@ -237,12 +277,20 @@ def _decoder_state(
     return sub
 
 
+def _embedding_norm_state(state: dict[str, torch.Tensor], structure: Structure, *, prefixed: bool = False) -> dict:
+    """The source's embedding-norm tensors (the model holds that norm itself), keyed inside the norm."""
+    prefix = f"{structure.embedding_norm}." if structure.embedding_norm else None
+    if prefix is None:
+        return {}
+    return {(key if prefixed else key[len(prefix):]): tensor for key, tensor in state.items() if key.startswith(prefix)}
+
+
 def lower_stack(source: PreTrainedModel, family: Family, structure: Structure, num_layers: int) -> PreTrainedModel:
     """The source's layers [0, num_layers) as a decoder of their own (no vocabulary table, no final norm):
     what computes the state the source had before layer ``num_layers``, for the sink-aware init."""
     sub_config = _sub_config(source.config, family, range(num_layers))
     sub_config._attn_implementation = source.config._attn_implementation
-    decoder = _build_decoder(sub_config, structure.final_norm).to(source.get_input_embeddings().weight.dtype)
+    decoder = _build_decoder(sub_config, structure.final_norm, structure.embedding_norm).to(source.get_input_embeddings().weight.dtype)
     state = _decoder_state(source.base_model.state_dict(), structure, range(num_layers), final_norm=False)
     _load_exact(decoder, state, "lower layers", family.zero_bias_params)
     return decoder.eval()

@@ -33,15 +33,23 @@ class BlockTransformerConfig(PretrainedConfig):
         decoder_layers: path of the decoder-layer list inside each decoder's base model.
         embedding_multiplier: what the source family multiplies token embeddings by before its first
             layer (Gemma: √D); applied to the token embeddings that feed the embedder and token decoder.
+        embedding_norm: path in each decoder's base model of the norm the family applies to ``inputs_embeds``
+            before its first layer (BLOOM, NanoChat, ModernBERT-decoder), or None. The model holds it once and
+            applies it to token embeddings; both decoders take their inputs as they are.
         decoder_input_multiplier: what the family's base model itself multiplies ``inputs_embeds`` by;
             decoder inputs are divided by it, so each layer sees exactly the vectors we pass.
         logit_scale, final_logit_softcapping: the family's LM-head arithmetic,
             ``cap · tanh(logit_scale · head(h) / cap)`` (no cap when ``None``).
+        head_transform: the transformers class (dotted path) of the family's module between the final norm and
+            the LM head, built from the token decoder's config (ModernBERT-decoder: dense, activation, norm), or None.
         lm_head_bias: whether the LM head has a bias (Phi-1/2).
         conversion: how the model was made (source, revision, split, init, ...); informational.
         layer_scalars: per decoder ("block"/"token"), per layer index, number attributes the family derives
             from a layer's absolute depth (DiffLlama's lambda_init, Beam's residual index), as the source had them;
             set on the built layers, so a moved layer computes what it computed in the source.
+        layer_modules: the same for sub-modules a family builds or leaves out by depth (ModernBERT-decoder's layer 0
+            has no attention norm): per decoder, per layer, module path -> the path of a sibling built alike, to copy,
+            or None for an identity.
     """
 
     model_type = "block_transformer"
@@ -59,8 +67,10 @@ class BlockTransformerConfig(PretrainedConfig):
     decoder_layers: str = "layers"
     embedding_multiplier: float = 1.0
     decoder_input_multiplier: float = 1.0
+    embedding_norm: str | None = None
     logit_scale: float = 1.0
     final_logit_softcapping: float | None = None
+    head_transform: str | None = None
     lm_head_bias: bool = False
     vocab_size: int | None = None
     hidden_size: int | None = None
@@ -72,6 +82,7 @@ class BlockTransformerConfig(PretrainedConfig):
     eos_token_id: int | list[int] | None = None
     conversion: dict[str, Any] | None = None
     layer_scalars: dict[str, dict[str, dict[str, float | int]]] | None = None
+    layer_modules: dict[str, dict[str, dict[str, str | None]]] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -80,7 +91,8 @@ class BlockTransformerConfig(PretrainedConfig):
         if self.num_prefix_tokens < 1:
             raise ValueError(f"num_prefix_tokens must be >= 1, got {self.num_prefix_tokens}")
         split = (self.conversion or {}).get("split")
-        layers = [self.block_decoder_config.num_hidden_layers, self.token_decoder_config.num_hidden_layers]
+        depth = (self.conversion or {}).get("depth_attr", "num_hidden_layers")  # LongCat: num_layers
+        layers = [getattr(self.block_decoder_config, depth), getattr(self.token_decoder_config, depth)]
         if split is not None and list(split) != layers:
             raise ValueError(
                 f"config.json records a {split[0]}/{split[1]} conversion but its decoders have {layers[0]} and "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -389,20 +390,54 @@ def cache_kwarg(decoder: nn.Module) -> str:
     return _cache_kwarg_of(type(decoder))
 
 
-def _build_decoder(sub_config, final_norm: str | None) -> PreTrainedModel:
+def _build_decoder(sub_config, *without: str | None) -> PreTrainedModel:
     """The family's own base model, minus its vocabulary table (we own one shared table).
 
-    ``final_norm`` names the family's final-norm attribute to replace with an identity (block decoder).
+    ``without`` names modules of the base model to replace with an identity: the final norm (block decoder),
+    the norm a family applies to ``inputs_embeds`` (the model applies that one to token embeddings itself).
     """
     decoder = AutoModel.from_config(sub_config)
     decoder.set_input_embeddings(None)
-    if final_norm is not None:
-        parent_path, _, name = final_norm.rpartition(".")
-        parent = decoder.get_submodule(parent_path) if parent_path else decoder
-        if not isinstance(getattr(parent, name, None), nn.Module):
-            raise ValueError(f"{type(decoder).__name__} has no final norm module named {final_norm!r}.")
-        setattr(parent, name, nn.Identity())
+    for path in dict.fromkeys(filter(None, without)):  # NanoChat's one norm is both
+        _detach(decoder, path)
+    if hasattr(decoder, "build_alibi_tensor"):
+        decoder.build_alibi_tensor = _alibi_over_keys(decoder.build_alibi_tensor)
     return decoder
+
+
+def _detach(decoder: nn.Module, path: str) -> nn.Module:
+    """Replace the module at ``path`` with an identity; returns the module."""
+    parent_path, _, name = path.rpartition(".")
+    parent = decoder.get_submodule(parent_path) if parent_path else decoder
+    module = getattr(parent, name, None)
+    if not isinstance(module, nn.Module) or isinstance(module, nn.Identity):
+        raise ValueError(f"{type(decoder).__name__} has no norm module named {path!r}.")
+    setattr(parent, name, nn.Identity())
+    return module
+
+
+def _head_transform(class_path: str | None, sub_config) -> nn.Module | None:
+    """The family's module between the final norm and the LM head, built from its config: a transformers class."""
+    if class_path is None:
+        return None
+    module, _, name = class_path.rpartition(".")
+    if not module.startswith("transformers."):
+        raise ValueError(f"head_transform must name a transformers class, not {class_path!r}: the config was edited.")
+    return getattr(importlib.import_module(module), name)(sub_config)
+
+
+def _alibi_over_keys(build):
+    """ALiBi (BLOOM) is built from a 2-D padding mask; with the cache's 4-D mask it is built over the key index
+    instead. Within a row the key index is the slot, which is the position, so each query sees the family's
+    bias; a packed call adds a constant per row (its offset), which softmax ignores (docs/design.md §1)."""
+
+    def build_alibi_tensor(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        if attention_mask.dim() == 4:
+            attention_mask = torch.ones(attention_mask.shape[0], attention_mask.shape[-1], dtype=torch.long,
+                                        device=attention_mask.device)
+        return build(attention_mask, num_heads, dtype)
+
+    return build_alibi_tensor
 
 
 class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMixin):
@@ -415,15 +450,35 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self.token_embed_tokens = nn.Embedding(config.vocab_size, dim) if config.separate_token_embeddings else None
         self.embedder = nn.Linear(block_len * dim, dim, bias=False)
         self.start = nn.Parameter(torch.zeros(dim))
-        self.block_decoder = _build_decoder(config.block_decoder_config, final_norm=config.block_decoder_final_norm)
+        self.block_decoder = _build_decoder(config.block_decoder_config, config.block_decoder_final_norm, config.embedding_norm)
         self.prefix = nn.Linear(dim, n_prefix * dim, bias=True)
-        self.token_decoder = _build_decoder(config.token_decoder_config, final_norm=None)
+        self.token_decoder = _build_decoder(config.token_decoder_config)
+        # The family's norm on inputs_embeds (BLOOM, NanoChat): applied once, to token embeddings (docs/design.md §1).
+        self.embedding_norm = _detach(self.token_decoder, config.embedding_norm) if config.embedding_norm else None
+        self.apply_layer_modules()
         self.apply_layer_scalars()
+        self.head_transform = _head_transform(config.head_transform, config.token_decoder_config)
         self.lm_head = nn.Linear(dim, config.vocab_size, bias=config.lm_head_bias)
         self._no_split_modules = sorted(
             set(self.block_decoder._no_split_modules or []) | set(self.token_decoder._no_split_modules or [])
         )
         self.post_init()
+
+    @property
+    def shares_final_norm(self) -> bool:
+        """The family's embedding norm is also its final norm (NanoChat): applied after the token decoder too."""
+        return self.embedding_norm is not None and self.config.embedding_norm == self.config.block_decoder_final_norm
+
+    def apply_layer_modules(self) -> None:
+        """Rebuild the sub-modules listed in ``config.layer_modules`` as their source layer had them: a copy of a
+        sibling of the same kind, or an identity (ModernBERT-decoder builds layer 0 without an attention norm)."""
+        for decoder, name in ((self.block_decoder, "block"), (self.token_decoder, "token")):
+            layers = decoder.get_submodule(self.config.decoder_layers)
+            for index, modules in (self.config.layer_modules or {}).get(name, {}).items():
+                layer = layers[int(index)]
+                for path, like in modules.items():
+                    owner, _, attr = path.rpartition(".")
+                    setattr(layer.get_submodule(owner), attr, nn.Identity() if like is None else copy.deepcopy(layer.get_submodule(like)))
 
     def apply_layer_scalars(self) -> None:
         """Set ``config.layer_scalars`` on the decoders' layers (numbers their family derives from a layer's depth)."""
@@ -447,10 +502,13 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self.lm_head = value
 
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings as the source's first layer saw them (times the family's multiplier)."""
+        """Token embeddings as the source's first layer saw them (times the family's multiplier, through its
+        embedding norm)."""
         embeds = self.embed_tokens(input_ids)
         multiplier = self.config.embedding_multiplier
-        return embeds if multiplier == 1.0 else embeds * torch.tensor(multiplier, dtype=embeds.dtype)
+        if multiplier != 1.0:
+            embeds = embeds * torch.tensor(multiplier, dtype=embeds.dtype)
+        return embeds if self.embedding_norm is None else self.embedding_norm(embeds)
 
     def token_decoder_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """t(x): the token decoder's input embedding of each token."""
@@ -464,8 +522,9 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         return self.embedder(tokens.flatten(-2))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The family's LM-head arithmetic: head, then logit scaling and soft-capping if it has them."""
-        logits = self.lm_head(hidden)
+        """The family's LM-head arithmetic: its head transform if it has one (ModernBERT-decoder's dense, activation
+        and norm), the head, then logit scaling and soft-capping if it has them."""
+        logits = self.lm_head(hidden if self.head_transform is None else self.head_transform(hidden))
         if self.config.logit_scale != 1.0:
             logits = logits * self.config.logit_scale
         cap = self.config.final_logit_softcapping
@@ -493,15 +552,18 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         """
         inputs = self.decoder_inputs(inputs)
         if kv is None:
-            out = decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs)
-            return out.last_hidden_state
-        if layout is None:
-            layout = KVLayout.per_row(None, positions.expand(inputs.shape[:2]), kv.batch_size)
-        mask = kv.prepare(layout, decoder.config._attn_implementation, inputs.dtype)
-        out = decoder(
-            inputs_embeds=inputs, position_ids=positions, attention_mask=mask, use_cache=True, **{cache_kwarg(decoder): kv}
-        )
-        return out.last_hidden_state
+            hidden = decoder(inputs_embeds=inputs, position_ids=positions, use_cache=False, **kwargs).last_hidden_state
+        else:
+            if layout is None:
+                layout = KVLayout.per_row(None, positions.expand(inputs.shape[:2]), kv.batch_size)
+            mask = kv.prepare(layout, decoder.config._attn_implementation, inputs.dtype)
+            hidden = decoder(
+                inputs_embeds=inputs, position_ids=positions, attention_mask=mask, use_cache=True,
+                **{cache_kwarg(decoder): kv},
+            ).last_hidden_state
+        if decoder is self.token_decoder and self.shares_final_norm:
+            hidden = self.embedding_norm(hidden)  # NanoChat's one norm is also its final norm
+        return hidden
 
     def run_block_decoder(self, block_embeds: torch.Tensor, kv: DecoderKV | None = None, **kwargs) -> torch.Tensor:
         """[B, M, D] block embeddings -> [B, M + 1, D] context embeddings (index k serves block k).

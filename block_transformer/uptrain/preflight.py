@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..sources import Source, resolve_source
 from ..convert.convert import resolve_separator
+from ..convert.families import stack_depth
 from ..convert.mapping import LayerMapping
 from ..data_spec import DataSpec
 from ..export import check_output
@@ -139,7 +140,7 @@ def read_blueprint(recipe: Recipe) -> Blueprint:
         tokenizer=tokenizer,
         mapping=mapping,
         separator_id=resolve_separator(tokenizer, config, recipe.data.separator, setting="data.separator"),
-        hidden_layers=hidden_layers(recipe.distill, config.token_decoder_config.num_hidden_layers),
+        hidden_layers=hidden_layers(recipe.distill, len(LayerMapping.from_config(config).token)),
         teacher=teacher,
     )
 
@@ -172,7 +173,7 @@ def _plan_conversion(recipe: Recipe) -> tuple[BlockTransformerConfig, PreTrained
     source = resolve_source(m.source, revision=m.revision)
     mapping = LayerMapping.from_options(
         m.split, m.block_layers, m.token_layers, names=("model.split", "model.block_layers", "model.token_layers")
-    ) or LayerMapping.halves(source.config.num_hidden_layers)
+    ) or LayerMapping.halves(stack_depth(source.config))
     check_conversion(source.config, mapping, m.block_len, m.num_prefix_tokens)  # before anything is built
     tokenizer = source.load_tokenizer()
     separator_id = resolve_separator(tokenizer, source.config, m.separator, setting="model.separator")
