@@ -7,7 +7,10 @@ SmolLM2-135M and the Python-docs corpus:
 2. ``bt-uptrain`` of the converted folder with the default recipe (``recipes/smollm2-pydocs.yaml``)
    for each ``--tokens`` budget: its summary gives held-out perplexity at step 0 and at the end, on
    the recipe's held-out tail (the source's perplexity on the same tokens is scored by the run too);
-3. generation throughput of every converted folder against one measurement of the source per
+3. ``bt-eval`` of every uptrained folder on the general recipe's out-of-domain dev set (fortunes, the first
+   8,192 tokens in windows of 512, as ``recipes/smollm2-general.yaml`` scores it; the source once, on the
+   same tokens): how much of the source's general function a mapping keeps after in-domain uptraining;
+4. generation throughput of every converted folder against one measurement of the source per
    setting (bt-bench's workers via ``block_transformer.bench.run.run_comparison``; throughput does not
    depend on the weights, so the fresh conversions are benchmarked): whole-call and decode ratios;
    and the parameter count and KV cache per sequence.
@@ -38,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mappings import DEFAULT, MAPPINGS  # noqa: E402
 
+from block_transformer.corpora import general_path  # noqa: E402
 from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
 from block_transformer.export import write_text_atomic  # noqa: E402
 
@@ -45,6 +49,7 @@ logger = logging.getLogger("tradeoff")
 SPEED_KEYS = ("whole_call_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+OOD_SET = "fortunes"  # the general recipe's dev set: a kind of text neither recipe trains on
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +63,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each measured model [default: all cores]")
     parser.add_argument("--source-cache", choices=["dynamic", "static"], default="dynamic",
                         help="the source's cache in the speed comparison")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: uptrain, bench")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: uptrain, ood, bench")
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "tradeoff")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "tradeoff.json")
     parser.add_argument("--plot", action="store_true", help="also write the PNG next to --json")
@@ -134,10 +139,23 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
         }
         row["commands"][f"uptrain {tokens}"] = " ".join(cmd)
 
+    if "ood" not in skip:
+        row["ood_ppl"] = {folder.parent.name.removeprefix("uptrained-"): ood_perplexity(folder.parent, here, args)
+                          for folder in sorted(here.glob("uptrained-*/uptraining_summary.json"))}
     row["parameters"] = _parameters(converted)
     row["kv_cache_bytes_per_sequence"] = _kv_bytes(converted, args.bench)
     row["conversion"] = {k: config["conversion"].get(k) for k in ("mapping", "split", "block_layers", "token_layers")}
     return row
+
+
+def ood_perplexity(model: Path, here: Path, args: argparse.Namespace) -> float:
+    """Perplexity of ``model`` on the first 8,192 tokens of the out-of-domain set (bt-eval, kept under ``here``)."""
+    name = model.name.removeprefix("uptrained-") if model.name.startswith("uptrained-") else model.name
+    out = here / f"ood-{name}.json"
+    cmd = [str(BIN / "bt-eval"), str(model), "--data", str(general_path(OOD_SET)), "--seq-len", "512",
+           "--max-tokens", "8192", "--heldout-tokens", "0", "--json", str(out)]
+    stage(cmd, out, here / f"ood-{name}.log")
+    return json.loads(out.read_text())["model"]["perplexity"]
 
 
 def bench_all(names: list[str], args: argparse.Namespace, source: Path) -> tuple[dict[str, dict], dict]:
@@ -259,8 +277,11 @@ def markdown(rows: list[dict], step0_json: Path = ROOT / "benchmarks" / "results
     settings = list(source.get("speed", {}))
     source_ppl = next((r["source_ppl"] for row in rows for r in row["uptraining"].values()), None)
     kv_key = next(iter(source["kv_cache_bytes_per_sequence"]))
+    ood_source = source.get("ood_ppl", {}).get("source")
+    ood_budgets = sorted({int(b) for row in rows for b in row.get("ood_ppl", {}) if b != "source"}) if ood_source else []
     header = ["mapping (`--block-layers` / `--token-layers`, L_B)", "parameters", f"KV cache / seq ({kv_key})",
               "step-0 ppl", *(f"ppl after {b // 1000}k (× source)" for b in budgets),
+              *(f"{OOD_SET} ppl after {b // 1000}k (× source)" for b in ood_budgets),
               *(f"whole-call speed-up {s}" for s in settings), *(f"decode speed-up {s}" for s in settings)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -275,6 +296,10 @@ def markdown(rows: list[dict], step0_json: Path = ROOT / "benchmarks" / "results
             result = row["uptraining"].get(str(budget))
             cells.append(f"{result['final_ppl']:.1f} ({result['final_ppl'] / result['source_ppl']:.1f}×)" if result else
                          ("—" if row["mapping"] == "source" else "not run"))
+        for budget in ood_budgets:
+            ppl = row.get("ood_ppl", {}).get(str(budget))
+            cells.append(f"{ood_source:.1f}" if row["mapping"] == "source" else
+                         f"{ppl:.1f} ({ppl / ood_source:.1f}×)" if ppl else "not run")
         for key in ("whole_call_tokens_per_s", "decode_tokens_per_s"):
             for setting in settings:
                 figures = row.get("speed", {}).get(setting)
@@ -305,6 +330,8 @@ def main() -> int:
         sys.exit("missing demo assets: run `bt-fetch-demo` first.")
     if "source" not in rows:  # the reference row: the source's own KV cache and size
         rows["source"] = {"mapping": "source", "uptraining": {}, **_source_figures(source, args.bench)}
+    if "ood" not in args.skip.split(",") and general_path(OOD_SET).exists():
+        rows["source"]["ood_ppl"] = {"source": ood_perplexity(source, args.workdir, args)}
 
     def write() -> None:
         report = {"benchmark": "tradeoff", "default": DEFAULT, "rows": list(rows.values())}
@@ -312,7 +339,7 @@ def main() -> int:
 
     for name in names:
         before, row = rows.get(name, {}), measure(name, args, source)
-        for key in ("uptraining", "commands"):  # budgets and commands of earlier runs stay
+        for key in ("uptraining", "commands", "ood_ppl"):  # budgets and commands of earlier runs stay
             row[key] = {**before.get(key, {}), **row[key]}
         rows[name] = {**before, **row}
         write()

@@ -23,6 +23,7 @@ from block_transformer.convert.probe import probe
 from block_transformer.convert.discovery import check_architecture, find_structure
 from block_transformer.convert.surgery import check_conversion
 from block_transformer.errors import ConversionError
+from block_transformer.modeling.modeling_block_transformer import DecoderKV, KVLayout
 from conftest import assert_one_line_error, tiny_tokenizer
 
 # What each family brings that another does not (why it is in the subset).
@@ -87,6 +88,13 @@ def test_refused_families_say_why(model_type, reason):
     result = check_family(model_type, reload=False)
     assert result.refused and reason in result.refused, result
     assert "\n" not in result.refused
+
+
+def test_a_variant_of_a_family_is_refused_by_its_config():
+    """Regression: Falcon-RW (alibi=true) converted, then its first cached generation step raised a traceback."""
+    with pytest.raises(ConversionError, match="alibi=true"):
+        check_conversion(tiny_config("falcon", alibi=True), LayerMapping.partition(2, 2), 3, 2)
+    check_conversion(tiny_config("falcon"), LayerMapping.partition(2, 2), 3, 2)  # the rest of the family converts
 
 
 def test_a_refused_family_is_refused_from_its_config_alone():
@@ -167,6 +175,29 @@ def test_a_module_built_by_depth_is_rebuilt_as_its_source_layer_had_it(tmp_path)
     assert isinstance(norm, torch.nn.LayerNorm) and torch.equal(norm.weight, source.model.layers[2].attn_norm.weight)
     assert model.config.head_transform.endswith("ModernBertDecoderPredictionHead")
     assert torch.equal(reloaded.head_transform.dense.weight, source.lm_head.dense.weight)
+
+
+def test_a_parameter_free_final_norm_is_found():
+    """Regression: OLMo's final LayerNorm has no parameters, so it was not found and the block decoder kept it,
+    feeding normed states to the prefix (and to the sink init's token-decoder table)."""
+    _, model = _converted("olmo")
+    assert model.config.block_decoder_final_norm == "norm" and model.config.embedding_norm is None
+    assert isinstance(model.block_decoder.norm, torch.nn.Identity)
+    assert not isinstance(model.token_decoder.norm, torch.nn.Identity)
+
+
+def test_alibi_goes_into_the_cache_mask_by_slot():
+    """Under the cache, BLOOM's ALiBi is slope x the key's slot (its position in its row), also when two rows
+    share one packed call, where the key's index in the call is not its slot."""
+    kv = DecoderKV(batch_size=2)
+    layout = KVLayout(rows=torch.tensor([[0, 1]]), slots=torch.tensor([[2, 1]]),
+                      key_rows=torch.tensor([[0, 1]]), members=torch.tensor([[0, 1]]))
+    slopes = torch.tensor([0.5, 0.25])
+    mask = kv.prepare(layout, "eager", torch.float32, alibi=slopes)  # [1, heads, 2 positions, 2 rows x 3 slots]
+    blocked = torch.finfo(torch.float32).min
+    for head, slope in enumerate(slopes.tolist()):
+        assert mask[0, head, 0].tolist() == [0.0, slope, 2 * slope, blocked, blocked, blocked]
+        assert mask[0, head, 1].tolist() == [blocked, blocked, blocked, 0.0, slope, blocked]
 
 
 def test_a_skeleton_finds_the_embedding_norm_too():

@@ -129,7 +129,7 @@ def test_dry_run_plans_the_config_the_conversion_builds(tmp_path, model_type):
     planned = read_blueprint(tiny_recipe(tmp_path, model_type)).config
     built = convert_model(tiny_source(model_type), LayerMapping.partition(2, 2), 4, separator_id=0).config
     for name in ("tie_word_embeddings", "decoder_layers", "block_decoder_final_norm", "lm_head_bias",
-                 "separate_token_embeddings", "conversion"):
+                 "separate_token_embeddings", "conversion", "embedding_norm", "head_transform"):
         assert getattr(planned, name) == getattr(built, name), name
     window = [getattr(c.block_decoder_config, "sliding_window", None) for c in (planned, built)]
     assert window[0] == window[1]

@@ -129,7 +129,7 @@ def conversion_config(
         **(source_info or {}),
         "family": source_model.config.model_type if family.name == DEFAULT_ENTRY else family.name,
         "model_type": source_model.config.model_type,
-        **mapping.record(getattr(source_model.config, family.depth_attr)),
+        **mapping.record(family.depth(source_model.config)),
         **({"depth_attr": family.depth_attr} if family.depth_attr != "num_hidden_layers" else {}),
         "init": init,
         "separator_id": separator_id,
@@ -154,7 +154,7 @@ def conversion_config(
 
 
 def _class_path(module: torch.nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
+    return f"{type(module).__module__}:{type(module).__qualname__}"
 
 
 def resolve_separator(tokenizer, config: PretrainedConfig, token: str | None = None, *, setting: str | None = None) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..errors import ConversionError, Refused
+from ..errors import ConversionError, Refused, first_line
 from .families import Family, family_for
 
 # Layer kinds that are attention over the residual stream; any other kind is a recurrent/hybrid layer.
@@ -64,6 +64,8 @@ def check_architecture(config: PretrainedConfig) -> Family:
             NOT_LM,
         )
     family = family_for(model_type)
+    if family.refuse and all(getattr(config, name, None) == value for name, value in family.refuse_when.items()):
+        raise Refused(f"cannot convert {model_type!r}: {family.refuse}.", family.refuse_kind)
     layer_types = set(getattr(config, "layer_types", None) or [])
     other = sorted(layer_types - ATTENTION_LAYER_TYPES)
     if other:
@@ -84,7 +86,7 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
         raise Refused(
             f"cannot convert {source.config.model_type!r}: the family has no KV cache, which cached block decoding needs."
         )
-    layers = family.layers or _find_layers(source, getattr(source.config, family.depth_attr))
+    layers = family.layers or _find_layers(source, family.depth(source.config))
     if layers.startswith("encoder."):
         raise Refused(
             f"cannot convert {source.config.model_type!r}: an encoder stack (BERT-style) used as a decoder, "
@@ -104,22 +106,25 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
         and any(True for _ in child.parameters())
         and _norm_like(name, child)
     ]
-    outside = [path for path, module in base.named_modules()
-               if path and not path.startswith(f"{layers}.") and path != layers and _norm_like(path, module)]
+    outside = []  # every norm-like module outside the layer list (not one nested in another)
+    for path, module in base.named_modules():
+        if path and not path.startswith(f"{layers}.") and path != layers and _norm_like(path, module) \
+                and not any(path.startswith(f"{other}.") for other in outside):
+            outside.append(path)
     head = source.get_output_embeddings()
     transforms = [name for name, child in source.named_children()  # ModernBERT-decoder: dense, act, norm
                   if child is not base and child is not head and any(True for _ in child.parameters())]
-    head_transform = _one_or_none(transforms, "head transform", source)
+    head_transform = _one_or_none(transforms, "head transform", source, named=False)
     if family.final_norm or (len(norms) <= 1 and outside == norms):  # the usual layout: one final norm, or none
         final_norm = family.final_norm or _one_or_none(norms, "final norm", source)
         return Structure(layers=layers, embedding=embedding, final_norm=final_norm, head_transform=head_transform)
     before, after = _norms_around_layers(base, base.get_submodule(layers), outside)
     return Structure(layers=layers, embedding=embedding, final_norm=_one_or_none(after, "final norm", source),
-                     embedding_norm=_one_or_none(before, "embedding norm", source), head_transform=head_transform)
+                     embedding_norm=_one_or_none(before, "embedding norm", source, named=False), head_transform=head_transform)
 
 
 def _norm_like(name: str, module: nn.Module) -> bool:
-    return not isinstance(module, nn.Embedding) and (
+    return not isinstance(module, (nn.Embedding, nn.Identity)) and (
         "norm" in type(module).__name__.lower() or "norm" in name.rpartition(".")[2].lower())
 
 
@@ -135,6 +140,10 @@ def _norms_around_layers(base: PreTrainedModel, layers: nn.ModuleList, paths: li
     embedding = base.get_input_embeddings().weight
     try:
         base(input_ids=torch.zeros(1, 4, dtype=torch.long, device=embedding.device), use_cache=False)
+    except Exception as err:  # noqa: BLE001 - e.g. data-dependent code on the meta device
+        raise ConversionError(
+            f"could not tell which of {', '.join(paths)} is {type(base).__name__}'s final norm (running it failed: "
+            f"{first_line(err)}); please report it.") from err
     finally:
         for handle in handles:
             handle.remove()
@@ -159,12 +168,11 @@ def _find_layers(source: PreTrainedModel, n: int) -> str:
     return found[0]
 
 
-def _one_or_none(paths: list[str], what: str, source: PreTrainedModel) -> str | None:
+def _one_or_none(paths: list[str], what: str, source: PreTrainedModel, named: bool = True) -> str | None:
+    """``named``: families.yaml can name it (``layers``, ``final_norm``); otherwise there is no such entry yet."""
     if len(paths) > 1:
-        raise ConversionError(
-            f"{type(source).__name__} has several candidates for its {what} ({', '.join(paths)}): name it in "
-            "block_transformer/convert/families.yaml."
-        )
+        fix = "name it in block_transformer/convert/families.yaml" if named else "conversion does not support this yet; please report it"
+        raise ConversionError(f"{type(source).__name__} has several candidates for its {what} ({', '.join(paths)}): {fix}.")
     return paths[0] if paths else None
 
 
@@ -229,6 +237,10 @@ def measure_arithmetic(source: PreTrainedModel, structure: Structure) -> Arithme
         final = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         normed = hook.take()
         embedding = _fit_scale(normed[0] - added, embed[ids[0]], "token embeddings", source)
+        if structure.embedding_norm and added.abs().max() > 0:
+            raise ConversionError(
+                f"{type(source).__name__} adds a position signal before its embedding norm "
+                f"{structure.embedding_norm!r}: conversion cannot reproduce that yet; please report it.")
         if structure.embedding_norm and not torch.allclose(first(normed), seen.take(), rtol=1e-5, atol=1e-6):
             raise ConversionError(
                 f"{type(source).__name__}'s first layer does not receive the output of {structure.embedding_norm!r} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -38,7 +38,12 @@ class Family(BaseModel):
     reuses_previous_layer: dict[str, str] = {}  # per-layer config field: the value of a layer reusing its predecessor
     zero_bias_params: tuple[str, ...] = ()  # biases a moved layer may gain (zero) where its source layer had none
     refuse: str | None = None
+    refuse_when: dict[str, Any] = {}  # config field: value; the refusal applies only to configs that match all
     refuse_kind: Literal["not_decoder_only", "recurrent", "unsupported"] = "unsupported"
+
+    def depth(self, config) -> int:
+        """Entries of the source's decoder-layer list, as its config counts them."""
+        return getattr(config, self.depth_attr)
 
 
 def parse_families(raw: dict) -> dict[str, Family]:
@@ -90,14 +95,14 @@ def families() -> dict[str, Family]:
 
 def stack_depth(config) -> int:
     """Entries of a source's decoder-layer list (LongCat-Flash's num_hidden_layers counts its attention sub-layers)."""
-    entry = families().get(config.model_type)
-    return getattr(config, entry.depth_attr if entry is not None else "num_hidden_layers")
+    table = families()
+    return table.get(config.model_type, table[DEFAULT_ENTRY]).depth(config)
 
 
 def family_for(model_type: str) -> Family:
     """The entry for ``model_type``, or the default one; refused families raise with their reason."""
     table = families()
     family = table.get(model_type, table[DEFAULT_ENTRY])
-    if family.refuse:
+    if family.refuse and not family.refuse_when:
         raise Refused(f"cannot convert {model_type!r}: {family.refuse}.", family.refuse_kind)
     return family

@@ -34,7 +34,7 @@ def check_conversion(config: PretrainedConfig, mapping: LayerMapping, block_len:
         raise ConversionError(f"--block-len must be >= 1, got {block_len}")
     if num_prefix_tokens < 1:
         raise ConversionError(f"--prefix-tokens must be >= 1, got {num_prefix_tokens}")
-    mapping.check(getattr(config, family.depth_attr))
+    mapping.check(family.depth(config))
     positions = getattr(config, "max_position_embeddings", None)
     local = num_prefix_tokens + block_len - 1  # the token decoder's positions: prefix + block minus its last token
     if positions is not None and local > positions:
@@ -133,7 +133,7 @@ def _sub_config(source_config: PretrainedConfig, family: Family, layers: tuple[i
     ``families.yaml``) are renumbered, so each new layer builds as its source layer did.
     """
     cfg = copy.deepcopy(source_config)
-    total = getattr(source_config, family.depth_attr)
+    total = family.depth(source_config)
     layers = tuple(layers)
     per_layer = cfg.to_dict().get("per_layer_config")  # heterogeneous configs: {layer index: overrides}
     if per_layer:
@@ -210,9 +210,12 @@ def layer_modules(model: BlockTransformerForCausalLM, source: PreTrainedModel, s
         for index, source_index in enumerate(layers):
             theirs = source_layers[source_index]
             mine = dict(ours[index].named_modules())
+            recorded: list[str] = []
             for path, module in theirs.named_modules():
-                if not path or path not in mine or _built_alike(mine[path], module):
+                if not path or path not in mine or _same_kind(mine[path], module) \
+                        or any(path.startswith(f"{parent}.") for parent in recorded):
                     continue
+                recorded.append(path)
                 like = None if isinstance(module, torch.nn.Identity) else next(
                     (other for other, sibling in mine.items() if other != path and _built_alike(sibling, module)), False)
                 if like is False:
@@ -223,8 +226,15 @@ def layer_modules(model: BlockTransformerForCausalLM, source: PreTrainedModel, s
     return found
 
 
-def _built_alike(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+def _same_kind(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same class and printed settings (a bias it gains is zero_bias_params' business, not a rebuild)."""
     return type(a) is type(b) and a.extra_repr() == b.extra_repr()
+
+
+def _built_alike(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """The same kind, with the same parameter names and shapes: a copy of ``a`` can hold ``b``'s weights."""
+    shapes = [{name: tuple(p.shape) for name, p in m.named_parameters()} for m in (a, b)]
+    return _same_kind(a, b) and shapes[0] == shapes[1]
 
 
 def layer_scalars(model: BlockTransformerForCausalLM, source: PreTrainedModel, structure: Structure,
@@ -261,13 +271,12 @@ def _decoder_state(
     two decoders lands in both), the shared non-layer state (position tables, ...) and, if asked, the final
     norm; never the vocabulary table nor an embedding norm (the model owns those)."""
     layer_prefix = f"{structure.layers}."
-    embedding_norm = _embedding_norm_state(state, structure, prefixed=True)  # the model holds that norm itself
     sub: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if key.startswith(layer_prefix):
             index, rest = key[len(layer_prefix) :].split(".", 1)
             sub.update({f"{layer_prefix}{new}.{rest}": tensor for new, old in enumerate(layers) if old == int(index)})
-        elif key.startswith(f"{structure.embedding}.") or key in embedding_norm:
+        elif key.startswith(f"{structure.embedding}.") or (structure.embedding_norm and key.startswith(f"{structure.embedding_norm}.")):
             continue
         elif structure.final_norm and key.startswith(f"{structure.final_norm}."):
             if final_norm:
@@ -277,12 +286,12 @@ def _decoder_state(
     return sub
 
 
-def _embedding_norm_state(state: dict[str, torch.Tensor], structure: Structure, *, prefixed: bool = False) -> dict:
+def _embedding_norm_state(state: dict[str, torch.Tensor], structure: Structure) -> dict:
     """The source's embedding-norm tensors (the model holds that norm itself), keyed inside the norm."""
-    prefix = f"{structure.embedding_norm}." if structure.embedding_norm else None
-    if prefix is None:
+    if not structure.embedding_norm:
         return {}
-    return {(key if prefixed else key[len(prefix):]): tensor for key, tensor in state.items() if key.startswith(prefix)}
+    prefix = f"{structure.embedding_norm}."
+    return {key[len(prefix):]: tensor for key, tensor in state.items() if key.startswith(prefix)}
 
 
 def lower_stack(source: PreTrainedModel, family: Family, structure: Structure, num_layers: int) -> PreTrainedModel:

@@ -40,10 +40,12 @@ class BlockTransformerConfig(PretrainedConfig):
             decoder inputs are divided by it, so each layer sees exactly the vectors we pass.
         logit_scale, final_logit_softcapping: the family's LM-head arithmetic,
             ``cap · tanh(logit_scale · head(h) / cap)`` (no cap when ``None``).
-        head_transform: the transformers class (dotted path) of the family's module between the final norm and
+        head_transform: the transformers class (``module:class``) of the family's module between the final norm and
             the LM head, built from the token decoder's config (ModernBERT-decoder: dense, activation, norm), or None.
         lm_head_bias: whether the LM head has a bias (Phi-1/2).
-        conversion: how the model was made (source, revision, split, init, ...); informational.
+        conversion: how the model was made (source, revision, split, init, ...); informational, except ``split`` and
+            ``depth_attr`` (the config field counting a decoder's layers when ``num_hidden_layers`` does not, LongCat-Flash),
+            which check that the decoders' configs were not edited.
         layer_scalars: per decoder ("block"/"token"), per layer index, number attributes the family derives
             from a layer's absolute depth (DiffLlama's lambda_init, Beam's residual index), as the source had them;
             set on the built layers, so a moved layer computes what it computed in the source.

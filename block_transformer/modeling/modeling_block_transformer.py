@@ -23,6 +23,7 @@ import copy
 import functools
 import importlib
 import inspect
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -168,8 +169,11 @@ class DecoderKV:
         self._layout: KVLayout | None = None
         self._kv_len = 0
 
-    def prepare(self, layout: KVLayout, attn_impl: str, dtype):
-        """Set up one call laid out as ``layout``; returns its attention mask (per layer type if they differ)."""
+    def prepare(self, layout: KVLayout, attn_impl: str, dtype, alibi: torch.Tensor | None = None):
+        """Set up one call laid out as ``layout``; returns its attention mask (per layer type if they differ).
+
+        ``alibi`` (per-head slopes) adds ALiBi to the mask, slope · key slot, for a family that builds its bias from
+        a 2-D padding mask (BLOOM): a slot is the key's position in its row, so each row gets the family's bias."""
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(
                 f"cached generation supports attn_implementation 'sdpa' and 'eager', not {attn_impl!r}: "
@@ -177,10 +181,10 @@ class DecoderKV:
             )
         self._layout = layout
         self._kv_len = int(layout.slots.max()) + 1
-        masks = {kind: self._mask(*span, attn_impl, dtype) for kind, span in self.windows.items()}
+        masks = {kind: self._mask(*span, attn_impl, dtype, alibi) for kind, span in self.windows.items()}
         return masks[None] if None in masks else masks  # per-layer-type masks go in as the family's mapping
 
-    def _mask(self, window: int | None, chunk: int | None, attn_impl: str, dtype) -> torch.Tensor:
+    def _mask(self, window: int | None, chunk: int | None, attn_impl: str, dtype, alibi=None) -> torch.Tensor:
         layout = self._layout
         slots = layout.slots.unsqueeze(-1)  # [C, W, 1]
         groups = 1 if layout.key_rows is None else layout.key_rows.shape[1]
@@ -194,6 +198,9 @@ class DecoderKV:
             member_of_key = torch.arange(groups, device=slots.device).repeat_interleave(self._kv_len)
             allowed &= member_of_key == layout.members.unsqueeze(-1)
         allowed = allowed.unsqueeze(1)  # [C, 1, W, G * kv]
+        if alibi is not None:  # [C, heads, W, G * kv], computed in float32 as the family does, then cast
+            bias = (alibi.view(1, -1, 1, 1) * keys.to(torch.float32)).to(dtype)
+            return bias.masked_fill(~allowed, torch.finfo(dtype).min)
         if attn_impl == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -400,8 +407,8 @@ def _build_decoder(sub_config, *without: str | None) -> PreTrainedModel:
     decoder.set_input_embeddings(None)
     for path in dict.fromkeys(filter(None, without)):  # NanoChat's one norm is both
         _detach(decoder, path)
-    if hasattr(decoder, "build_alibi_tensor"):
-        decoder.build_alibi_tensor = _alibi_over_keys(decoder.build_alibi_tensor)
+    if hasattr(decoder, "build_alibi_tensor"):  # BLOOM: under the cache its bias goes into our mask
+        decoder.build_alibi_tensor = types.MethodType(_alibi_outside_the_cache, decoder)
     return decoder
 
 
@@ -417,27 +424,31 @@ def _detach(decoder: nn.Module, path: str) -> nn.Module:
 
 
 def _head_transform(class_path: str | None, sub_config) -> nn.Module | None:
-    """The family's module between the final norm and the LM head, built from its config: a transformers class."""
+    """The family's module between the final norm and the LM head (``module:class``, a transformers model class),
+    built from the family's config."""
     if class_path is None:
         return None
-    module, _, name = class_path.rpartition(".")
-    if not module.startswith("transformers."):
-        raise ValueError(f"head_transform must name a transformers class, not {class_path!r}: the config was edited.")
-    return getattr(importlib.import_module(module), name)(sub_config)
+    module, _, name = class_path.partition(":")
+    cls = getattr(importlib.import_module(module), name, None) if module.startswith("transformers.models.") else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"head_transform must name a transformers model class, not {class_path!r}: the config was edited.")
+    return cls(sub_config)
 
 
-def _alibi_over_keys(build):
-    """ALiBi (BLOOM) is built from a 2-D padding mask; with the cache's 4-D mask it is built over the key index
-    instead. Within a row the key index is the slot, which is the position, so each query sees the family's
-    bias; a packed call adds a constant per row (its offset), which softmax ignores (docs/design.md §1)."""
+def _alibi_outside_the_cache(self, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """BLOOM's ALiBi, built from a 2-D padding mask as the family builds it; under the cache's 4-D mask, zeros:
+    ``DecoderKV`` adds slope · key slot to the mask itself (a slot is the key's position in its row)."""
+    if attention_mask.dim() == 4:
+        return attention_mask.new_zeros(attention_mask.shape[0] * num_heads, 1, attention_mask.shape[-1], dtype=dtype)
+    return type(self).build_alibi_tensor(self, attention_mask, num_heads, dtype)
 
-    def build_alibi_tensor(attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-        if attention_mask.dim() == 4:
-            attention_mask = torch.ones(attention_mask.shape[0], attention_mask.shape[-1], dtype=torch.long,
-                                        device=attention_mask.device)
-        return build(attention_mask, num_heads, dtype)
 
-    return build_alibi_tensor
+def alibi_slopes(decoder: nn.Module, device: torch.device) -> torch.Tensor | None:
+    """Per-head ALiBi slopes (float32) of a family that builds ALiBi from a padding mask (BLOOM), else None."""
+    if not hasattr(decoder, "build_alibi_tensor"):
+        return None
+    two = torch.ones(1, 2, dtype=torch.long, device=device)  # positions 0 and 1: the bias at 1 is the slope
+    return type(decoder).build_alibi_tensor(decoder, two, decoder.config.num_attention_heads, torch.float32)[:, 0, 1]
 
 
 class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMixin):
@@ -556,7 +567,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         else:
             if layout is None:
                 layout = KVLayout.per_row(None, positions.expand(inputs.shape[:2]), kv.batch_size)
-            mask = kv.prepare(layout, decoder.config._attn_implementation, inputs.dtype)
+            mask = kv.prepare(layout, decoder.config._attn_implementation, inputs.dtype, alibi_slopes(decoder, inputs.device))
             hidden = decoder(
                 inputs_embeds=inputs, position_ids=positions, attention_mask=mask, use_cache=True,
                 **{cache_kwarg(decoder): kv},
