@@ -360,7 +360,7 @@ def test_embedding_multiplier_feeds_embedder_and_token_decoder():
 
 
 # transformers' GGUF loader reads no head size for Qwen3 and assumes 128, as in every released Qwen3.
-GGUF_OVERRIDES = {"qwen2": {}, "qwen3": {"head_dim": 128}, "starcoder2": {}, "stablelm": {}}
+GGUF_OVERRIDES = {"qwen2": {}, "qwen3": {"head_dim": 128}, "starcoder2": {}, "stablelm": {}, "bloom": {}}
 
 
 @pytest.mark.parametrize("arch", sorted(GGUF_OVERRIDES))

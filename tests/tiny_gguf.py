@@ -37,6 +37,8 @@ def write_tiny_gguf(model: PreTrainedModel, tokenizer, path: Path, arch: str) ->
     names = gguf.get_tensor_name_map(architecture, config.num_hidden_layers)
     for key, tensor in model.state_dict().items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None and "." in key:  # some map entries omit the base model's prefix (BLOOM's embedding norm)
+            name = names.get_name(key.split(".", 1)[1], try_suffixes=(".weight", ".bias"))
         if name is None:
             raise KeyError(f"no GGUF name for {key}")
         writer.add_tensor(name, tensor.float().numpy())
