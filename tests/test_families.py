@@ -23,7 +23,7 @@ from block_transformer.convert.probe import probe
 from block_transformer.convert.discovery import check_architecture, find_structure
 from block_transformer.convert.surgery import check_conversion
 from block_transformer.errors import ConversionError
-from block_transformer.modeling.modeling_block_transformer import DecoderKV, KVLayout
+from block_transformer.modeling.modeling_block_transformer import DecoderKV, KVLayout, _keys_for_alibi
 from conftest import assert_one_line_error, tiny_tokenizer
 
 # What each family brings that another does not (why it is in the subset).
@@ -106,6 +106,8 @@ def test_descriptor_typo_is_an_error_that_names_it():
     raw = {"default": {"separators": ["eos"]}, "mine": {"model_types": ["x"], "layrs": "h"}}
     with pytest.raises(ConversionError, match="'mine': layrs"):
         parse_families(raw)
+    with pytest.raises(ConversionError, match="refuse_when needs refuse"):
+        parse_families({"default": {"separators": ["eos"]}, "a": {"model_types": ["x"], "refuse_when": {"alibi": True}}})
     with pytest.raises(ConversionError, match="listed twice"):
         parse_families({"default": {"separators": ["eos"]}, "a": {"model_types": ["x"]}, "b": {"model_types": ["x"]}})
 
@@ -186,18 +188,22 @@ def test_a_parameter_free_final_norm_is_found():
     assert not isinstance(model.token_decoder.norm, torch.nn.Identity)
 
 
-def test_alibi_goes_into_the_cache_mask_by_slot():
+def test_alibi_under_the_cache_is_built_from_the_key_slots():
     """Under the cache, BLOOM's ALiBi is slope x the key's slot (its position in its row), also when two rows
-    share one packed call, where the key's index in the call is not its slot."""
+    share one packed call, where a key's index in the call is not its slot: per row, what BLOOM builds itself."""
+    _, model = _converted("bloom")
+    decoder = model.token_decoder
     kv = DecoderKV(batch_size=2)
     layout = KVLayout(rows=torch.tensor([[0, 1]]), slots=torch.tensor([[2, 1]]),
                       key_rows=torch.tensor([[0, 1]]), members=torch.tensor([[0, 1]]))
-    slopes = torch.tensor([0.5, 0.25])
-    mask = kv.prepare(layout, "eager", torch.float32, alibi=slopes)  # [1, heads, 2 positions, 2 rows x 3 slots]
-    blocked = torch.finfo(torch.float32).min
-    for head, slope in enumerate(slopes.tolist()):
-        assert mask[0, head, 0].tolist() == [0.0, slope, 2 * slope, blocked, blocked, blocked]
-        assert mask[0, head, 1].tolist() == [blocked, blocked, blocked, 0.0, slope, blocked]
+    mask = kv.prepare(layout, "eager", torch.float32)  # [1 chunk, 1, 2 positions, 2 rows x 3 slots]
+    heads = decoder.config.num_attention_heads
+    with _keys_for_alibi(decoder, kv):
+        bias = decoder.build_alibi_tensor(mask, heads, torch.float32)
+    own = type(decoder).build_alibi_tensor(decoder, torch.ones(1, 3, dtype=torch.long), heads, torch.float32)
+    assert torch.equal(bias, torch.cat([own, own], dim=-1))  # [heads, 1, 2 x 3]: each row's keys from slot 0
+    with pytest.raises(ValueError, match="slots"):
+        decoder.build_alibi_tensor(mask, heads, torch.float32)  # outside a cached call of the model
 
 
 def test_a_skeleton_finds_the_embedding_norm_too():

@@ -64,8 +64,8 @@ def check_architecture(config: PretrainedConfig) -> Family:
             NOT_LM,
         )
     family = family_for(model_type)
-    if family.refuse and all(getattr(config, name, None) == value for name, value in family.refuse_when.items()):
-        raise Refused(f"cannot convert {model_type!r}: {family.refuse}.", family.refuse_kind)
+    if (reason := family.refusal(config)) is not None:
+        raise Refused(f"cannot convert {model_type!r}: {reason}.", family.refuse_kind)
     layer_types = set(getattr(config, "layer_types", None) or [])
     other = sorted(layer_types - ATTENTION_LAYER_TYPES)
     if other:
@@ -119,7 +119,7 @@ def find_structure(source: PreTrainedModel, family: Family) -> Structure:
         final_norm = family.final_norm or _one_or_none(norms, "final norm", source)
         return Structure(layers=layers, embedding=embedding, final_norm=final_norm, head_transform=head_transform)
     before, after = _norms_around_layers(base, base.get_submodule(layers), outside)
-    return Structure(layers=layers, embedding=embedding, final_norm=_one_or_none(after, "final norm", source),
+    return Structure(layers=layers, embedding=embedding, final_norm=_one_or_none(after, "final norm", source, named=False),
                      embedding_norm=_one_or_none(before, "embedding norm", source, named=False), head_transform=head_transform)
 
 
@@ -140,14 +140,14 @@ def _norms_around_layers(base: PreTrainedModel, layers: nn.ModuleList, paths: li
     embedding = base.get_input_embeddings().weight
     try:
         base(input_ids=torch.zeros(1, 4, dtype=torch.long, device=embedding.device), use_cache=False)
-    except Exception as err:  # noqa: BLE001 - e.g. data-dependent code on the meta device
+        first, last = events.index("<first layer>"), len(events) - 1 - events[::-1].index("<last layer>")
+    except Exception as err:  # noqa: BLE001 - e.g. data-dependent code on the meta device, a layer that never ran
         raise ConversionError(
-            f"could not tell which of {', '.join(paths)} is {type(base).__name__}'s final norm (running it failed: "
-            f"{first_line(err)}); please report it.") from err
+            f"could not tell which of {', '.join(paths)} are {type(base).__name__}'s embedding and final norms "
+            f"(running it failed: {first_line(err)}); please report it.") from err
     finally:
         for handle in handles:
             handle.remove()
-    first, last = events.index("<first layer>"), len(events) - 1 - events[::-1].index("<last layer>")
     return list(dict.fromkeys(events[:first])), list(dict.fromkeys(events[last + 1 :]))
 
 
@@ -228,6 +228,10 @@ def measure_arithmetic(source: PreTrainedModel, structure: Structure) -> Arithme
     # With an embedding norm the multipliers are measured at its input; layer 0 must see its output.
     first = base.get_submodule(structure.embedding_norm) if structure.embedding_norm else layers[0]
     added = position_signal(base, layers, positions, dim, dtype, first)
+    if structure.embedding_norm and added.abs().max() > 0:
+        raise ConversionError(
+            f"{type(source).__name__} adds a signal (positions?) to inputs_embeds before its embedding norm "
+            f"{structure.embedding_norm!r}: conversion cannot reproduce that yet; please report it.")
     hook, seen = LayerInputs(first), LayerInputs(layers[0])
     try:
         probe = torch.randn(1, ids.shape[1], dim, generator=generator).to(dtype)
@@ -237,10 +241,6 @@ def measure_arithmetic(source: PreTrainedModel, structure: Structure) -> Arithme
         final = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         normed = hook.take()
         embedding = _fit_scale(normed[0] - added, embed[ids[0]], "token embeddings", source)
-        if structure.embedding_norm and added.abs().max() > 0:
-            raise ConversionError(
-                f"{type(source).__name__} adds a position signal before its embedding norm "
-                f"{structure.embedding_norm!r}: conversion cannot reproduce that yet; please report it.")
         if structure.embedding_norm and not torch.allclose(first(normed), seen.take(), rtol=1e-5, atol=1e-6):
             raise ConversionError(
                 f"{type(source).__name__}'s first layer does not receive the output of {structure.embedding_norm!r} "

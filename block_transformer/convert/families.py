@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import ConversionError, Refused
 
@@ -40,6 +40,21 @@ class Family(BaseModel):
     refuse: str | None = None
     refuse_when: dict[str, Any] = {}  # config field: value; the refusal applies only to configs that match all
     refuse_kind: Literal["not_decoder_only", "recurrent", "unsupported"] = "unsupported"
+
+    @model_validator(mode="after")
+    def _refuse_when_needs_a_reason(self) -> "Family":
+        if self.refuse_when and not self.refuse:
+            raise ValueError("refuse_when needs refuse: the one-line reason")
+        return self
+
+    def refusal(self, config) -> str | None:
+        """Why ``config`` cannot be converted, or None: the entry's reason, for every config or (``refuse_when``)
+        for those whose fields all match."""
+        if not self.refuse:
+            return None
+        if all(getattr(config, name, None) == value for name, value in self.refuse_when.items()):
+            return self.refuse
+        return None
 
     def depth(self, config) -> int:
         """Entries of the source's decoder-layer list, as its config counts them."""
@@ -103,6 +118,6 @@ def family_for(model_type: str) -> Family:
     """The entry for ``model_type``, or the default one; refused families raise with their reason."""
     table = families()
     family = table.get(model_type, table[DEFAULT_ENTRY])
-    if family.refuse and not family.refuse_when:
+    if family.refuse and not family.refuse_when:  # refused whatever the config (a variant: Family.refusal)
         raise Refused(f"cannot convert {model_type!r}: {family.refuse}.", family.refuse_kind)
     return family

@@ -227,7 +227,8 @@ def layer_modules(model: BlockTransformerForCausalLM, source: PreTrainedModel, s
 
 
 def _same_kind(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Same class and printed settings (a bias it gains is zero_bias_params' business, not a rebuild)."""
+    """Same class and printed settings. A bare bias parameter a layer gains (not in its printed settings) is
+    ``zero_bias_params``' business, not a rebuild."""
     return type(a) is type(b) and a.extra_repr() == b.extra_repr()
 
 

@@ -169,11 +169,8 @@ class DecoderKV:
         self._layout: KVLayout | None = None
         self._kv_len = 0
 
-    def prepare(self, layout: KVLayout, attn_impl: str, dtype, alibi: torch.Tensor | None = None):
-        """Set up one call laid out as ``layout``; returns its attention mask (per layer type if they differ).
-
-        ``alibi`` (per-head slopes) adds ALiBi to the mask, slope · key slot, for a family that builds its bias from
-        a 2-D padding mask (BLOOM): a slot is the key's position in its row, so each row gets the family's bias."""
+    def prepare(self, layout: KVLayout, attn_impl: str, dtype):
+        """Set up one call laid out as ``layout``; returns its attention mask (per layer type if they differ)."""
         if attn_impl not in ("sdpa", "eager"):
             raise ValueError(
                 f"cached generation supports attn_implementation 'sdpa' and 'eager', not {attn_impl!r}: "
@@ -181,14 +178,20 @@ class DecoderKV:
             )
         self._layout = layout
         self._kv_len = int(layout.slots.max()) + 1
-        masks = {kind: self._mask(*span, attn_impl, dtype, alibi) for kind, span in self.windows.items()}
+        masks = {kind: self._mask(*span, attn_impl, dtype) for kind, span in self.windows.items()}
         return masks[None] if None in masks else masks  # per-layer-type masks go in as the family's mapping
 
-    def _mask(self, window: int | None, chunk: int | None, attn_impl: str, dtype, alibi=None) -> torch.Tensor:
+    def key_slots(self) -> torch.Tensor:
+        """The slot of every key this call's chunks attend to, as ``update`` returns them: [G * kv_len], member by
+        member. A slot is the key's position in its row (ALiBi is built from it: BLOOM)."""
+        groups = 1 if self._layout.key_rows is None else self._layout.key_rows.shape[1]
+        return torch.arange(self._kv_len, device=self._layout.slots.device).repeat(groups)
+
+    def _mask(self, window: int | None, chunk: int | None, attn_impl: str, dtype) -> torch.Tensor:
         layout = self._layout
         slots = layout.slots.unsqueeze(-1)  # [C, W, 1]
         groups = 1 if layout.key_rows is None else layout.key_rows.shape[1]
-        keys = torch.arange(self._kv_len, device=slots.device).repeat(groups)  # slot of each key, member by member
+        keys = self.key_slots()
         allowed = keys <= slots  # causal; slots past a row's length are never allowed
         if window is not None:
             allowed &= keys > slots - window
@@ -198,9 +201,6 @@ class DecoderKV:
             member_of_key = torch.arange(groups, device=slots.device).repeat_interleave(self._kv_len)
             allowed &= member_of_key == layout.members.unsqueeze(-1)
         allowed = allowed.unsqueeze(1)  # [C, 1, W, G * kv]
-        if alibi is not None:  # [C, heads, W, G * kv], computed in float32 as the family does, then cast
-            bias = (alibi.view(1, -1, 1, 1) * keys.to(torch.float32)).to(dtype)
-            return bias.masked_fill(~allowed, torch.finfo(dtype).min)
         if attn_impl == "sdpa":
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -407,8 +407,9 @@ def _build_decoder(sub_config, *without: str | None) -> PreTrainedModel:
     decoder.set_input_embeddings(None)
     for path in dict.fromkeys(filter(None, without)):  # NanoChat's one norm is both
         _detach(decoder, path)
-    if hasattr(decoder, "build_alibi_tensor"):  # BLOOM: under the cache its bias goes into our mask
-        decoder.build_alibi_tensor = types.MethodType(_alibi_outside_the_cache, decoder)
+    if hasattr(decoder, "build_alibi_tensor"):  # BLOOM: under the cache its bias is built from the keys' slots
+        decoder.build_alibi_tensor = types.MethodType(_alibi_by_slot, decoder)
+        decoder.alibi_key_slots = None
     return decoder
 
 
@@ -429,26 +430,44 @@ def _head_transform(class_path: str | None, sub_config) -> nn.Module | None:
     if class_path is None:
         return None
     module, _, name = class_path.partition(":")
-    cls = getattr(importlib.import_module(module), name, None) if module.startswith("transformers.models.") else None
+    try:
+        cls = getattr(importlib.import_module(module), name, None) if module.startswith("transformers.models.") and name else None
+    except ImportError:
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"head_transform must name a transformers model class, not {class_path!r}: the config was edited.")
+        raise ValueError(f"head_transform must name a transformers model class as module:Class, not {class_path!r}: "
+                         "the config was edited or made by another version; convert the model again.")
     return cls(sub_config)
 
 
-def _alibi_outside_the_cache(self, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
-    """BLOOM's ALiBi, built from a 2-D padding mask as the family builds it; under the cache's 4-D mask, zeros:
-    ``DecoderKV`` adds slope · key slot to the mask itself (a slot is the key's position in its row)."""
-    if attention_mask.dim() == 4:
-        return attention_mask.new_zeros(attention_mask.shape[0] * num_heads, 1, attention_mask.shape[-1], dtype=dtype)
-    return type(self).build_alibi_tensor(self, attention_mask, num_heads, dtype)
+def _alibi_by_slot(self, attention_mask: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """BLOOM's ALiBi. The family builds it from a 2-D padding mask (kept for a plain call); under the cache's 4-D
+    mask it is slope · key slot for the keys ``alibi_key_slots`` names (set around each cached call by
+    ``_run_decoder``): a slot is the key's position in its row, so every row gets the family's own bias, computed
+    as the family computes it (float32, then cast) and added by its own attention arithmetic."""
+    build = type(self).build_alibi_tensor
+    if attention_mask.dim() != 4:
+        return build(self, attention_mask, num_heads, dtype)
+    if self.alibi_key_slots is None:
+        raise ValueError("an ALiBi decoder given a 4-D attention mask needs its keys' slots: run it through the model.")
+    two = torch.ones(1, 2, dtype=torch.long, device=attention_mask.device)  # positions 0 and 1: the bias at 1 is the slope
+    slopes = build(self, two, num_heads, torch.float32)[:, 0, 1]
+    bias = (slopes[:, None] * self.alibi_key_slots[None]).to(dtype)  # [heads, keys]
+    chunks = attention_mask.shape[0]
+    return bias.unsqueeze(0).expand(chunks, -1, -1).reshape(chunks * num_heads, 1, -1)
 
 
-def alibi_slopes(decoder: nn.Module, device: torch.device) -> torch.Tensor | None:
-    """Per-head ALiBi slopes (float32) of a family that builds ALiBi from a padding mask (BLOOM), else None."""
-    if not hasattr(decoder, "build_alibi_tensor"):
-        return None
-    two = torch.ones(1, 2, dtype=torch.long, device=device)  # positions 0 and 1: the bias at 1 is the slope
-    return type(decoder).build_alibi_tensor(decoder, two, decoder.config.num_attention_heads, torch.float32)[:, 0, 1]
+@contextmanager
+def _keys_for_alibi(decoder: nn.Module, kv: DecoderKV):
+    """Tell an ALiBi decoder (BLOOM) the slots of the keys it attends to during one cached call."""
+    if not hasattr(decoder, "alibi_key_slots"):
+        yield
+        return
+    decoder.alibi_key_slots = kv.key_slots()
+    try:
+        yield
+    finally:
+        decoder.alibi_key_slots = None
 
 
 class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMixin):
@@ -567,11 +586,12 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         else:
             if layout is None:
                 layout = KVLayout.per_row(None, positions.expand(inputs.shape[:2]), kv.batch_size)
-            mask = kv.prepare(layout, decoder.config._attn_implementation, inputs.dtype, alibi_slopes(decoder, inputs.device))
-            hidden = decoder(
-                inputs_embeds=inputs, position_ids=positions, attention_mask=mask, use_cache=True,
-                **{cache_kwarg(decoder): kv},
-            ).last_hidden_state
+            mask = kv.prepare(layout, decoder.config._attn_implementation, inputs.dtype)
+            with _keys_for_alibi(decoder, kv):
+                hidden = decoder(
+                    inputs_embeds=inputs, position_ids=positions, attention_mask=mask, use_cache=True,
+                    **{cache_kwarg(decoder): kv},
+                ).last_hidden_state
         if decoder is self.token_decoder and self.shares_final_norm:
             hidden = self.embedding_norm(hidden)  # NanoChat's one norm is also its final norm
         return hidden
