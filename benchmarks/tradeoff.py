@@ -44,6 +44,7 @@ from mappings import DEFAULT, MAPPINGS  # noqa: E402
 from block_transformer.corpora import general_path  # noqa: E402
 from block_transformer.demo import pydocs_path, smollm2_path  # noqa: E402
 from block_transformer.export import write_text_atomic  # noqa: E402
+from block_transformer.uptrain import checkpoint  # noqa: E402
 
 logger = logging.getLogger("tradeoff")
 SPEED_KEYS = ("whole_call_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s")
@@ -72,21 +73,23 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def stage(cmd: list[str], done: Path, log: Path) -> None:
+def stage(cmd: list[str], done: Path, log: Path, checkpoints: Path | None = None) -> None:
     """Run one project command unless ``done`` exists from the same command; its output is kept in ``log``.
 
     A failure stops the benchmark with the log's tail; an output made by another command is refused
-    rather than silently reused as this one's result.
+    rather than silently reused as this one's result. An interrupted uptraining run (``checkpoints`` holds
+    some) continues with ``--resume``, which the recorded command leaves out: it is the same run.
     """
     recorded = log.with_suffix(".command")
     if done.exists():
         if recorded.is_file() and recorded.read_text() != " ".join(cmd):
             sys.exit(f"{done} was made by another command ({recorded}); delete it or pass another --workdir.")
         return
-    logger.info("$ %s", " ".join(cmd))
+    run = [*cmd, "--resume"] if checkpoints is not None and checkpoint.checkpoints(checkpoints) else cmd
+    logger.info("$ %s", " ".join(run))
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+    with log.open("a" if run is not cmd else "w") as out:
+        code = subprocess.run(run, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
     if code:
         tail = log.read_text().strip().splitlines()[-3:]
         sys.exit(f"{cmd[0]} failed (exit {code}), see {log}:\n" + "\n".join(tail))
@@ -132,7 +135,7 @@ def measure(name: str, args: argparse.Namespace, source: Path) -> dict:
         cmd = [str(BIN / "bt-uptrain"), str(args.recipe), "--set", "model.source=null", "--set", f"model.path={converted}",
                "--set", f"distill.teacher={source}", "--set", f"train.max_tokens={tokens}", "--set", f"output.dir={out}",
                *(arg for s in args.sets for arg in ("--set", s))]
-        stage(cmd, out / "uptraining_summary.json", here / f"uptrain-{tokens}.log")
+        stage(cmd, out / "uptraining_summary.json", here / f"uptrain-{tokens}.log", Path(f"{out}.checkpoints"))
         summary = json.loads((out / "uptraining_summary.json").read_text())
         row["uptraining"][str(tokens)] = {
             key: summary.get(key) for key in ("tokens", "step0_ppl", "final_ppl", "source_ppl", "method", "hardware")
