@@ -109,6 +109,16 @@ def test_overrides_are_parsed_as_yaml(recipe_file):
     assert recipe.train.lr == 1e-4 and recipe.distill.hidden_layers == [1, 2] and recipe.lora.enabled
 
 
+def test_mixed_precision_no_is_not_read_as_false(recipe_file, tmp_path):
+    """YAML reads a bare `no` as false; `mixed_precision: no` was refused with "should be 'auto', 'no', ..."."""
+    assert load_recipe(recipe_file, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    written = tmp_path / "no.yaml"
+    written.write_text(recipe_file.read_text().replace("train:\n", "train:\n  mixed_precision: no\n", 1))
+    assert load_recipe(written).train.mixed_precision == "no"
+    with pytest.raises(RecipeError, match="mixed_precision"):
+        load_recipe(recipe_file, ["train.mixed_precision=true"])
+
+
 @pytest.mark.parametrize("name, processes, steps", [
     ("smollm2-pydocs.yaml", 1, 293),  # the CPU demo
     ("pile.yaml", 8, 14_306),  # accelerate launch --num_processes 8

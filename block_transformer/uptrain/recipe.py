@@ -200,7 +200,9 @@ class TrainSection(_Section):
     warmup_fraction: float = Field(0.02, ge=0, lt=1)  # used when warmup_steps is not set
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine ends at lr * min_lr_ratio
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # YAML reads a bare `no` as false (accelerate's own configs quote it): false means "no" here
+    mixed_precision: Annotated[Literal["auto", "no", "bf16", "fp16"],
+                               BeforeValidator(lambda v: "no" if v is False else v)] = "auto"
     gradient_checkpointing: bool = False
     freeze_pretrained_steps: int = Field(0, ge=0)  # first K steps train only new modules and norms
     log_every: int = Field(10, ge=1)
