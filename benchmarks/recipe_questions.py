@@ -68,6 +68,9 @@ def parse_args() -> argparse.Namespace:
                         help="after a run, delete its checkpoints and exported weights (its summary and metrics stay): "
                              "the last step's checkpoint alone holds ~2 GB per run of SmolLM2-135M")
     parser.add_argument("--markdown", action="store_true", help="print the table of what --json holds and stop")
+    parser.add_argument("--plot", action="store_true",
+                        help="also draw the primary set's perplexity over the source's vs tokens, one line per variant, "
+                             "as a PNG beside --json (needs pip install -e .[plot]); with --markdown, from --json alone")
     args = parser.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -155,11 +158,38 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(record: dict, path: Path) -> None:
+    """The primary set (the first when the recipe names none) over the source's, vs tokens, per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    name = None
+    for run in record["runs"]:
+        name = run["primary"] or next(iter(run["sets"]))
+        source = run["sets"][name]["source_ppl"]
+        ax.plot([p["tokens"] for p in run["curve"]], [p[name] / source for p in run["curve"]], label=run["variant"],
+                linewidth=2.5 if run["variant"] == "baseline" else 1.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"{name} perplexity / source's")
+    ax.set_title(f"{Path(record['recipe']).name}: {record['environment']['hardware']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    logger.info("wrote %s", path)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args()
     if args.markdown:
         print(markdown(json.loads(args.json.read_text())))
+        if args.plot:
+            plot(json.loads(args.json.read_text()), args.json.with_suffix(".png"))
         return
     variants = args.variants.split(",")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -187,6 +217,8 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, variants))
     print(markdown(json.loads(args.json.read_text())))
+    if args.plot:
+        plot(json.loads(args.json.read_text()), args.json.with_suffix(".png"))
     if failed:
         sys.exit(f"failed: {', '.join(sorted(failed))}")
 
