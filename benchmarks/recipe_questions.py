@@ -7,11 +7,13 @@ between two rows is the variant's overrides.
 
     python benchmarks/recipe_questions.py recipes/smollm2-general.yaml                  # every variant, one at a time
     python benchmarks/recipe_questions.py recipes/smollm2-pydocs.yaml --variants baseline,ce+hidden
-    python benchmarks/recipe_questions.py recipes/smollm2-general.yaml --jobs 6 --set train.mixed_precision=no   # a GPU
+    python benchmarks/recipe_questions.py recipes/smollm2-general.yaml --jobs 9 --threads 1 --set checkpoint.every=0 \
+        --discard-weights                                                    # one H100: all at once, ~6 min
     python benchmarks/recipe_questions.py recipes/smollm2-general.yaml --markdown       # the README table of --json
 
 Each run writes to ``--workdir/<recipe>/<variant>/`` and is skipped when its ``uptraining_summary.json``
-exists (made by the same command: recorded beside it); a failed run is reported and the others go on.
+exists (made by the same command: recorded beside it), resumed (`--resume`) when it left checkpoints; a failed
+run is reported and the others go on.
 ``--jobs`` runs several at once: a GPU runs several runs of a small model side by side at little cost
 each; on a 2-core CPU keep 1. ``--json`` (written atomically after every run) holds, per variant, the
 overrides, every held-out set's perplexity at step 0 and at the end with its ratio to the source's, the
@@ -26,7 +28,6 @@ import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +35,11 @@ from pathlib import Path
 
 import torch
 
-from block_transformer.environment import describe
-from block_transformer.export import write_text_atomic
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tradeoff import stage  # noqa: E402
+
+from block_transformer.environment import describe  # noqa: E402
+from block_transformer.export import write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("recipe_questions")
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,31 +89,18 @@ def command(recipe: Path, variant: str, out: Path, common: list[str]) -> list[st
     return [sys.executable, "-m", "block_transformer.uptrain", str(recipe), *(a for s in sets for a in ("--set", s))]
 
 
-def run_variant(variant: str, args: argparse.Namespace, threads: int) -> dict | None:
-    """Run one variant unless it finished before; its figures, or None when it failed (log kept)."""
+def run_variant(variant: str, args: argparse.Namespace) -> dict | None:
+    """Run one variant unless it finished before (an interrupted one resumes); its figures, or None when it failed."""
     out = args.workdir / args.recipe.stem / variant
-    cmd = command(args.recipe, variant, out, args.sets)
-    log, recorded = out.with_suffix(".log"), out.with_suffix(".command")
     summary = out / "uptraining_summary.json"
-    if summary.is_file():
-        if recorded.is_file() and recorded.read_text() != " ".join(cmd[1:]):
-            logger.error("%s: %s was made by another command (%s); delete it to re-run", variant, out, recorded)
-            return None
-        return figures(variant, out, None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    logger.info("%s: $ %s", variant, " ".join(cmd))
+    ran_before = summary.is_file()
     start = time.perf_counter()
-    with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    seconds = time.perf_counter() - start
-    if code or not summary.is_file():
-        tail = "\n".join(log.read_text().strip().splitlines()[-5:])
-        logger.error("%s failed (exit %s), see %s:\n%s", variant, code, log, tail)
+    try:
+        stage(command(args.recipe, variant, out, args.sets), summary, out.with_suffix(".log"), Path(f"{out}.checkpoints"))
+    except SystemExit as failure:  # stage's message names the log; the other variants go on
+        logger.error("%s: %s", variant, failure)
         return None
-    recorded.write_text(" ".join(cmd[1:]))
-    logger.info("%s: done in %.0f s", variant, seconds)
-    result = figures(variant, out, seconds)
+    result = figures(variant, out, None if ran_before else time.perf_counter() - start)
     if args.discard_weights:
         shutil.rmtree(Path(f"{out}.checkpoints"), ignore_errors=True)  # checkpoint.dir's default
         for weights in out.glob("*.safetensors"):
@@ -193,6 +184,7 @@ def main() -> None:
         return
     variants = args.variants.split(",")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # every run's torch threads
     done: dict[str, dict] = {}
 
     def save() -> None:
@@ -207,7 +199,7 @@ def main() -> None:
     failed: set[str] = set()
 
     def one(variant: str) -> None:
-        result = run_variant(variant, args, threads)
+        result = run_variant(variant, args)
         if result is None:
             failed.add(variant)
         else:
