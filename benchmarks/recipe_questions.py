@@ -49,7 +49,9 @@ VARIANTS: dict[str, list[str]] = {
     "ce+hidden": ["distill.kl_weight=0"],  # no KL: the teacher stops after the deepest aligned layer
     "ce+kl": ["distill.hidden_weight=0"],
     "freeze-25": ["train.freeze_pretrained_steps=25"],  # only new modules and norms train for the first 25 steps
-    "new-lr-x1": ["train.new_modules_lr_multiplier=1"],
+    "kl-only": ["distill.ce_weight=0", "distill.hidden_weight=0"],  # the teacher's distribution alone
+    "new-lr-x1": ["train.new_modules_lr_multiplier=1"],  # both recipes' setting since the H100 runs
+    "new-lr-x3": ["train.new_modules_lr_multiplier=3"],  # their setting before
     "new-lr-x10": ["train.new_modules_lr_multiplier=10"],
     "prefix-4": ["model.num_prefix_tokens=4"],
     "lr-1e-3": ["train.lr=1e-3"],
