@@ -24,10 +24,12 @@ def converted(source, num_prefix_tokens: int = 2, attn: str = "sdpa", block_len:
     return model.eval()
 
 
-def decode(model, prompts: list[torch.Tensor], continuation: torch.Tensor, on_step=None) -> torch.Tensor:
-    """Logits of prefill + teacher-forced one-token steps: [B, 1 + steps, V]."""
+def decode(model, prompts: list[torch.Tensor], continuation: torch.Tensor, on_step=None,
+           max_length: int | None = None) -> torch.Tensor:
+    """Logits of prefill + teacher-forced one-token steps: [B, 1 + steps, V] (``max_length``: the static step's
+    cache)."""
     ids, mask = left_padded(prompts)
-    cache = BlockTransformerCache(model.config)
+    cache = BlockTransformerCache(model.config, max_length=max_length)
     logits = [model(ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]]
     for t in range(continuation.shape[1]):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -37,12 +39,12 @@ def decode(model, prompts: list[torch.Tensor], continuation: torch.Tensor, on_st
     return torch.stack(logits, dim=1)
 
 
-def assert_cached_equals_full(model, lengths, steps: int = 9, seed: int = 0) -> None:
+def assert_cached_equals_full(model, lengths, steps: int = 9, seed: int = 0, max_length: int | None = None) -> None:
     generator = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=generator) for n in lengths]
     continuation = torch.randint(1, model.config.vocab_size, (len(prompts), steps), generator=generator)
     with torch.no_grad():
-        cached = decode(model, prompts, continuation)
+        cached = decode(model, prompts, continuation, max_length=max_length)
         for i, prompt in enumerate(prompts):
             full = model(torch.cat([prompt, continuation[i]])[None]).logits[0, len(prompt) - 1 :]
             torch.testing.assert_close(cached[i], full, atol=2e-5, rtol=1e-5)

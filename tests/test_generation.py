@@ -126,7 +126,7 @@ def test_unsupported_generation_modes_are_rejected():
     with pytest.raises(ValueError, match="only supports"):
         model.generate(prompt, num_beams=2, max_new_tokens=3)
     with pytest.raises(ValueError, match="cache_implementation"):
-        model.generate(prompt, cache_implementation="static", max_new_tokens=3)
+        model.generate(prompt, cache_implementation="offloaded", max_new_tokens=3)
     started = BlockTransformerCache(model.config)
     model(prompt, past_key_values=started, logits_to_keep=1)
     with pytest.raises(ValueError, match="only the newest token"):

@@ -168,6 +168,17 @@ class DecoderKV:
         self.indexer_keys: dict[int, torch.Tensor] = {}  # sparse-attention indexers (DeepSeek-V3.2): [rows + 1, 1, slots, D]
         self._layout: KVLayout | None = None
         self._kv_len = 0
+        self.fixed_len: int | None = None  # static decoding: every call reads this many slots (no host sync)
+
+    def fix_length(self, num_slots: int) -> None:
+        """Hold ``num_slots`` slots per row from now on and read all of them in every call: fixed shapes for a
+        compiled (CUDA-graph) step; the mask still hides every slot past a position's own."""
+        for buffers, i in self._buffers():
+            buffer = buffers[i]
+            if buffer.shape[2] < num_slots:
+                buffers[i] = torch.cat([buffer, buffer.new_zeros(*buffer.shape[:2], num_slots - buffer.shape[2],
+                                                                 buffer.shape[3])], dim=2)
+        self.capacity = self.fixed_len = num_slots
 
     def prepare(self, layout: KVLayout, attn_impl: str, dtype):
         """Set up one call laid out as ``layout``; returns its attention mask (per layer type if they differ)."""
@@ -177,7 +188,7 @@ class DecoderKV:
                 "load the model with attn_implementation='sdpa'."
             )
         self._layout = layout
-        self._kv_len = int(layout.slots.max()) + 1
+        self._kv_len = self.fixed_len if self.fixed_len is not None else int(layout.slots.max()) + 1
         masks = {kind: self._mask(*span, attn_impl, dtype) for kind, span in self.windows.items()}
         return masks[None] if None in masks else masks  # per-layer-type masks go in as the family's mapping
 
@@ -301,12 +312,16 @@ class BlockTransformerCache:
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, config: BlockTransformerConfig):
+    def __init__(self, config: BlockTransformerConfig, max_length: int | None = None):
+        """``max_length``: tokens a row may reach (prompt + generated); given, decoding runs the static step
+        (``BlockTransformerForCausalLM.static_decode_step``) on caches of that fixed size."""
         self.config = config
+        self.max_length = max_length
         self.num_tokens: torch.Tensor | None = None  # [B] real tokens seen per row
         self.current_block: torch.Tensor | None = None  # [B, L_B] ids of each row's current block
         self.block: DecoderKV | None = None
         self.token: DecoderKV | None = None
+        self._longest = 0  # the longest row's token count, known on the host (static decoding checks room)
 
     def start(self, num_tokens: torch.Tensor, current_block: torch.Tensor) -> None:
         batch = num_tokens.shape[0]
@@ -315,6 +330,21 @@ class BlockTransformerCache:
         self.token = DecoderKV(
             batch, windows=attention_windows(self.config.token_decoder_config), capacity=self.config.token_decoder_len
         )
+        self._longest = int(num_tokens.max())
+
+    @property
+    def static(self) -> bool:
+        return self.max_length is not None
+
+    def before_static_step(self) -> None:
+        """Fix both caches' sizes (first step) and check the step has room: the compiled step cannot."""
+        if self._longest >= self.max_length:
+            raise ValueError(f"a row reached this cache's max_length ({self.max_length} tokens); "
+                             "create the cache with a larger max_length.")
+        if self.block.fixed_len is None:
+            self.block.fix_length(2 + self.max_length // self.config.block_len)  # the start vector + every block
+            self.token.fix_length(self.config.token_decoder_len)
+        self._longest += 1
 
     @property
     def started(self) -> bool:
@@ -387,14 +417,15 @@ def attention_windows(sub_config) -> dict[str | None, tuple[int | None, int | No
             for kind in dict.fromkeys(layer_types)}
 
 
-@functools.cache
-def _cache_kwarg_of(decoder_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+_CACHE_KWARGS: dict[type, str] = {}  # a plain dict, not functools.cache: torch.compile traces through lookups
 
 
 def cache_kwarg(decoder: nn.Module) -> str:
     """The name a family's base model takes its KV cache by (transformers 5.2x renames past_key_values)."""
-    return _cache_kwarg_of(type(decoder))
+    kind = type(decoder)
+    if kind not in _CACHE_KWARGS:
+        _CACHE_KWARGS[kind] = "cache" if "cache" in inspect.signature(kind.forward).parameters else "past_key_values"
+    return _CACHE_KWARGS[kind]
 
 
 def _build_decoder(sub_config, *without: str | None) -> PreTrainedModel:
@@ -492,6 +523,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self._no_split_modules = sorted(
             set(self.block_decoder._no_split_modules or []) | set(self.token_decoder._no_split_modules or [])
         )
+        self._compiled_step = None  # compile_decode_step()
         self.post_init()
 
     @property
@@ -653,6 +685,12 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         if past_key_values is not None and not isinstance(past_key_values, BlockTransformerCache):
             raise TypeError("past_key_values must be a BlockTransformerCache (or None).")
         if past_key_values is not None and past_key_values.started:
+            if past_key_values.static:
+                self._check_decode_inputs(input_ids, attention_mask)
+                past_key_values.before_static_step()
+                step = self._compiled_step or self.static_decode_step
+                logits = step(input_ids[:, 0], past_key_values)
+                return BlockTransformerCausalLMOutput(logits=logits.unsqueeze(1), past_key_values=past_key_values)
             return self._decode_step(input_ids, attention_mask, past_key_values)
 
         batch, seq_len = input_ids.shape
@@ -723,10 +761,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         context is expanded into a fresh prefix (the token cache restarts) and the last prefix slot
         predicts the next block's first token. Every other row runs one token-decoder position.
         """
-        if input_ids.shape[1] != 1:
-            raise ValueError("with a started cache, pass only the newest token of each row (input_ids of shape [B, 1]).")
-        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-            raise ValueError("the newest token of every row must be real (attention_mask 1) during cached decoding.")
+        self._check_decode_inputs(input_ids, attention_mask)
         block_len = self.config.block_len
         token = input_ids[:, 0]
         batch = token.shape[0]
@@ -749,6 +784,53 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         hidden = hidden[take]
         cache.num_tokens += 1
         return BlockTransformerCausalLMOutput(logits=self.logits(hidden).unsqueeze(1), past_key_values=cache)
+
+    @staticmethod
+    def _check_decode_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if input_ids.shape[1] != 1:
+            raise ValueError("with a started cache, pass only the newest token of each row (input_ids of shape [B, 1]).")
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError("the newest token of every row must be real (attention_mask 1) during cached decoding.")
+
+    def static_decode_step(self, token: torch.Tensor, cache: BlockTransformerCache) -> torch.Tensor:
+        """A decode step of fixed shapes and no host sync, for ``torch.compile`` / CUDA graphs: [B] newest
+        tokens -> [B, V] logits, the same as ``_decode_step`` (tested).
+
+        Every row runs the block decoder (a row that does not complete a block writes the cache's scratch row,
+        and its output is not used) and N_P token-decoder positions (its prefix when it starts a block, else
+        its newest token and N_P - 1 scratch positions); both caches read a fixed number of slots. That is
+        L_B times the block decoder's work and N_P times the token decoder's positions of the eager step:
+        worth it where a step is bound by launches (a GPU at small batch), not by arithmetic (a CPU).
+        """
+        block_len, n_prefix = self.config.block_len, self.config.num_prefix_tokens
+        batch, device = token.shape[0], token.device
+        rows = torch.arange(batch, device=device)
+        scratch = torch.full_like(rows, batch)
+        offset = cache.num_tokens % block_len
+        cache.current_block[rows, offset] = token
+        completes = offset == block_len - 1
+
+        blocks = self.embed_blocks(cache.current_block, torch.ones_like(cache.current_block, dtype=torch.bool))
+        write_at = (1 + cache.num_tokens // block_len).unsqueeze(1)
+        layout = KVLayout(rows=torch.where(completes, rows, scratch).unsqueeze(1), slots=write_at)
+        prefix = self.expand_prefix(self._run_decoder(self.block_decoder, blocks.unsqueeze(1), write_at, cache.block,
+                                                      layout)[:, 0])  # [B, N_P, D]
+
+        first = torch.arange(n_prefix, device=device) == 0  # a continuing row's one real position
+        newest = self.token_decoder_inputs(token).unsqueeze(1) * first.view(1, -1, 1).to(prefix.dtype)
+        inputs = torch.where(completes.view(-1, 1, 1), prefix, newest)
+        starting = completes.unsqueeze(1)
+        slots = torch.where(starting, torch.arange(n_prefix, device=device), (n_prefix + offset).unsqueeze(1) * first)
+        owners = torch.where(starting | first, rows.unsqueeze(1), scratch.unsqueeze(1))
+        hidden = self._run_decoder(self.token_decoder, inputs, slots, cache.token, KVLayout(rows=owners, slots=slots))
+        predicting = torch.where(completes, n_prefix - 1, 0)
+        cache.num_tokens += 1
+        return self.logits(hidden[rows, predicting])
+
+    def compile_decode_step(self, **compile_kwargs) -> None:
+        """Compile ``static_decode_step`` (``torch.compile``; e.g. ``mode="reduce-overhead"`` for CUDA graphs).
+        Generation with a static cache (``generate(..., cache_implementation="static")``) then runs it."""
+        self._compiled_step = torch.compile(self.static_decode_step, **compile_kwargs)
 
     def _token_step_layout(
         self, token: torch.Tensor, offset: torch.Tensor, completes: torch.Tensor, n_complete: int,
@@ -830,17 +912,23 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
     _supported_generation_modes = [GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE]
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
-        """generate() hook: our own cache (block-level + local), never a DynamicCache or a static cache."""
-        if generation_config.cache_implementation is not None:
+        """generate() hook: our own cache (block-level + local), never a DynamicCache or transformers' static
+        cache. ``cache_implementation="static"`` sizes ours for ``max_length`` and decodes with the static step
+        (compiled after ``compile_decode_step()``)."""
+        if generation_config.cache_implementation not in (None, "static"):
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: Block "
-                "Transformers use their own block-level and local caches; leave cache_implementation unset."
+                "Transformers use their own block-level and local caches; leave cache_implementation unset, or "
+                "'static' for fixed-size caches and the static (compilable) decode step."
             )
         cache = model_kwargs.get("past_key_values")
         if cache is not None and not (isinstance(cache, BlockTransformerCache) and not cache.started):
             raise ValueError("pass no past_key_values to generate(), or a fresh BlockTransformerCache.")
         if generation_config.use_cache is not False and cache is None:
-            model_kwargs["past_key_values"] = BlockTransformerCache(self.config)
+            static = generation_config.cache_implementation == "static"
+            model_kwargs["past_key_values"] = BlockTransformerCache(
+                self.config, max_length=generation_config.max_length if static else None
+            )
 
     # Continuous batching: transformers' entry points, served by BlockTransformerBatchingManager
     # (batching_block_transformer.py, which travels with this file).
