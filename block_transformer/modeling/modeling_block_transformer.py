@@ -20,7 +20,6 @@ returned separately as ``first_token_logits`` and is not part of ``loss``.
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import inspect
 import types
