@@ -57,44 +57,51 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure_generation(model, setting: Setting, repeats: int = 3, seed: int = 0, **generate_kwargs) -> dict:
-    """Median whole-call time, time to first token and the derived throughputs for one setting.
-
-    One timed ``generate`` per repeat gives both figures: a logits processor notes when prefill has
-    produced the first logits.
-    """
+def generation_inputs(model, setting: Setting, seed: int = 0, **generate_kwargs) -> dict:
+    """The keyword arguments of one measured ``generate`` call: the setting's prompts on the model's device,
+    greedy, eos never reached (``min_new_tokens = max_new_tokens``)."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in make_prompts(setting, model.config.vocab_size, seed))
     pad = model.generation_config.pad_token_id
-    common = dict(do_sample=False, pad_token_id=0 if pad is None else pad, **generate_kwargs)
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=setting.new_tokens, min_new_tokens=setting.new_tokens,
+                do_sample=False, pad_token_id=0 if pad is None else pad, **generate_kwargs)
 
-    def timed_call() -> tuple[float, float]:
-        clock = StepClock(limit=1)
-        _sync()
-        started = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=setting.new_tokens,
-                       min_new_tokens=setting.new_tokens, logits_processor=LogitsProcessorList([clock]), **common)
-        _sync()
-        return clock.times[0] - started, time.perf_counter() - started
 
-    with torch.inference_mode():
-        # warm-up of the full measured size: the first large prefill in a process runs ~1.5x slower on CPU
-        # (a cold allocator), which a short warm-up does not pay for
-        timed_call()
-        runs = [timed_call() for _ in range(repeats)]
+def timed_generate(model, inputs: dict) -> tuple[float, float]:
+    """One ``generate(**inputs)``: (time to first token, whole call) in seconds; a logits processor notes
+    when prefill has produced the first logits."""
+    clock = StepClock(limit=1)
+    _sync()
+    started = time.perf_counter()
+    model.generate(logits_processor=LogitsProcessorList([clock]), **inputs)
+    _sync()
+    return clock.times[0] - started, time.perf_counter() - started
+
+
+def summarize(setting: Setting, runs: list[tuple[float, float]]) -> dict:
+    """Median whole call and time to first token of ``runs`` and the throughputs they give."""
     ttft = statistics.median(r[0] for r in runs)
     total = statistics.median(r[1] for r in runs)
-    generated = setting.batch_size * setting.new_tokens
     decode_s = max(total - ttft, 1e-9)
     return {
         "setting": asdict(setting) | {"name": setting.name},
         "whole_call_s": total,
-        "whole_call_tokens_per_s": generated / total,
+        "whole_call_tokens_per_s": setting.batch_size * setting.new_tokens / total,
         "time_to_first_token_s": ttft,
         "decode_tokens_per_s": setting.batch_size * (setting.new_tokens - 1) / decode_s,
         "runs": [{"time_to_first_token_s": a, "whole_call_s": b} for a, b in runs],
-        "kv_cache_bytes_per_sequence": kv_cache_bytes(model, setting),
     }
+
+
+def measure_generation(model, setting: Setting, repeats: int = 3, seed: int = 0, **generate_kwargs) -> dict:
+    """Median whole-call time, time to first token and the derived throughputs for one setting."""
+    inputs = generation_inputs(model, setting, seed, **generate_kwargs)
+    with torch.inference_mode():
+        # warm-up of the full measured size: the first large prefill in a process runs ~1.5x slower on CPU
+        # (a cold allocator), which a short warm-up does not pay for
+        timed_generate(model, inputs)
+        runs = [timed_generate(model, inputs) for _ in range(repeats)]
+    return summarize(setting, runs) | {"kv_cache_bytes_per_sequence": kv_cache_bytes(model, setting)}
 
 
 def _attention_shape(config) -> tuple[int, int]:

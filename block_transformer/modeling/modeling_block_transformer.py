@@ -522,7 +522,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         self._no_split_modules = sorted(
             set(self.block_decoder._no_split_modules or []) | set(self.token_decoder._no_split_modules or [])
         )
-        self._compiled_step = None  # compile_decode_step()
+        self.compiled_decode_step = None  # set by compile_decode_step(); None: the static step runs eagerly
         self.post_init()
 
     @property
@@ -687,7 +687,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
             if past_key_values.static:
                 self._check_decode_inputs(input_ids, attention_mask)
                 past_key_values.before_static_step()
-                step = self._compiled_step or self.static_decode_step
+                step = self.compiled_decode_step or self.static_decode_step
                 logits = step(input_ids[:, 0], past_key_values)
                 return BlockTransformerCausalLMOutput(logits=logits.unsqueeze(1), past_key_values=past_key_values)
             return self._decode_step(input_ids, attention_mask, past_key_values)
@@ -829,7 +829,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
     def compile_decode_step(self, **compile_kwargs) -> None:
         """Compile ``static_decode_step`` (``torch.compile``; e.g. ``mode="reduce-overhead"`` for CUDA graphs).
         Generation with a static cache (``generate(..., cache_implementation="static")``) then runs it."""
-        self._compiled_step = torch.compile(self.static_decode_step, **compile_kwargs)
+        self.compiled_decode_step = torch.compile(self.static_decode_step, **compile_kwargs)
 
     def _token_step_layout(
         self, token: torch.Tensor, offset: torch.Tensor, completes: torch.Tensor, n_complete: int,
