@@ -10,7 +10,7 @@ Each is warmed up with a call of the full measured size (the compiled one compil
 median of ``--repeats`` calls per variant, the variants taking turns.
 
     python benchmarks/compiled_step.py smollm2-bt --threads 2                      # b32 P256/N64, aligned + ragged
-    python benchmarks/compiled_step.py smollm2-bt --device cuda --mode reduce-overhead
+    python benchmarks/compiled_step.py smollm2-bt --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -48,8 +48,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="[default: the folder's]")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "compiled_step_cpu_smollm2.json")
-    return parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None,
+                        help="[default: benchmarks/results/compiled_step_<cpu|cuda>_<folder name>.json]")
+    args = parser.parse_args()
+    if args.json is None:
+        kind = "cuda" if args.device.startswith("cuda") else "cpu"
+        args.json = ROOT / "benchmarks" / "results" / f"compiled_step_{kind}_{args.model.resolve().name}.json"
+    return args
 
 
 @contextmanager

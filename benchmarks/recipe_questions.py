@@ -29,6 +29,7 @@ import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -99,10 +100,10 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict | None:
     start = time.perf_counter()
     try:
         stage(command(args.recipe, variant, out, args.sets), summary, out.with_suffix(".log"), Path(f"{out}.checkpoints"))
-    except SystemExit as failure:  # stage's message names the log; the other variants go on
+        result = figures(variant, out, None if ran_before else time.perf_counter() - start)
+    except (SystemExit, Exception) as failure:  # stage's message names the log; the other variants go on
         logger.error("%s: %s", variant, failure)
         return None
-    result = figures(variant, out, None if ran_before else time.perf_counter() - start)
     if args.discard_weights:
         shutil.rmtree(Path(f"{out}.checkpoints"), ignore_errors=True)  # checkpoint.dir's default
         for weights in out.glob("*.safetensors"):
@@ -200,13 +201,16 @@ def main() -> None:
 
     failed: set[str] = set()
 
+    lock = threading.Lock()  # runs finish in their own threads: one record update and write at a time
+
     def one(variant: str) -> None:
         result = run_variant(variant, args)
-        if result is None:
-            failed.add(variant)
-        else:
-            done[variant] = result
-        save()
+        with lock:
+            if result is None:
+                failed.add(variant)
+            else:
+                done[variant] = result
+            save()
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(one, variants))

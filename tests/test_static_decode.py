@@ -77,3 +77,17 @@ def test_a_static_cache_refuses_to_run_past_its_max_length():
             model(ids[:, :1], past_key_values=cache)
         with pytest.raises(ValueError, match="max_length"):
             model(ids[:, :1], past_key_values=cache)
+
+
+def test_a_static_cache_cannot_change_rows():
+    """Continuous batching frees and admits rows; a fixed-size cache would read past or lose them."""
+    model = converted(tiny_source("llama"))
+    ids = torch.randint(1, VOCAB, (2, 6))
+    static, joining = BlockTransformerCache(model.config, max_length=16), BlockTransformerCache(model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=static, logits_to_keep=1)
+        model(ids[:1], past_key_values=joining, logits_to_keep=1)
+    with pytest.raises(ValueError, match="static"):
+        static.keep_rows(torch.tensor([0]))
+    with pytest.raises(ValueError, match="static"):
+        static.admit(joining, torch.tensor([1]))

@@ -335,6 +335,11 @@ class BlockTransformerCache:
     def static(self) -> bool:
         return self.max_length is not None
 
+    def _refuse_static(self, what: str) -> None:
+        if self.static:
+            raise ValueError(f"{what} changes the rows of a cache, which a static (fixed-size) cache cannot do: "
+                             "continuous batching uses growing caches (create the cache without max_length).")
+
     def before_static_step(self) -> None:
         """Fix both caches' sizes (first step) and check the step has room: the compiled step cannot."""
         if self._longest >= self.max_length:
@@ -373,6 +378,7 @@ class BlockTransformerCache:
         """
         if index.numel() == 0:
             raise ValueError("keep_rows needs at least one row; drop the cache instead.")
+        self._refuse_static("keep_rows")
         self.num_tokens, self.current_block = self.num_tokens[index], self.current_block[index]
         needed = int(self.block_cache_lengths().max())
         self.block.keep_rows(index, num_slots=min(self.block.num_slots(), 2 * needed))
@@ -384,6 +390,7 @@ class BlockTransformerCache:
         ``DecoderKV.admit``). Each joined row keeps its own token count, so it decodes at its own phase."""
         if not joined.started or not self.started:
             raise ValueError("admit needs two started caches (prefill the joining prompts first).")
+        self._refuse_static("admit")
         into = into.to(self.num_tokens.device)
         if into.shape[0] != joined.batch_size:
             raise ValueError(f"admit got {into.shape[0]} target rows for {joined.batch_size} joining rows.")
@@ -827,8 +834,11 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         return self.logits(hidden[rows, predicting])
 
     def compile_decode_step(self, **compile_kwargs) -> None:
-        """Compile ``static_decode_step`` (``torch.compile``; e.g. ``mode="reduce-overhead"`` for CUDA graphs).
-        Generation with a static cache (``generate(..., cache_implementation="static")``) then runs it."""
+        """Compile ``static_decode_step`` with ``torch.compile(**compile_kwargs)``; generation with a static cache
+        (``generate(..., cache_implementation="static")``, or ``forward`` with ``BlockTransformerCache(config,
+        max_length)``, which also checks the room left) then runs it. The step mutates its cache tensors, so
+        Inductor's CUDA graphs (``mode="reduce-overhead"``) skip it for now: that needs caches at fixed addresses
+        reused across calls."""
         self.compiled_decode_step = torch.compile(self.static_decode_step, **compile_kwargs)
 
     def _token_step_layout(
