@@ -19,6 +19,9 @@ out, variant = pathlib.Path(sys.argv[1]), sys.argv[2]
 if variant == "ce+hidden":
     sys.exit("Error: the teacher ran out of memory")
 out.mkdir(parents=True)
+if variant == "ce+kl":  # finished, but its metrics are missing: reading its figures fails
+    (out / "uptraining_summary.json").write_text("{}")
+    sys.exit(0)
 (out.parent / "runs").open("a").write(variant + "\\n")
 ppl = {"baseline": 40.0, "new-lr-x1": 30.0}[variant]
 sets = {"held-out": {"step0_ppl": 3000.0, "final_ppl": ppl, "source_ppl": 15.0, "step0_ratio": 200.0,
@@ -42,13 +45,13 @@ def sweep(tmp_path, monkeypatch, variants: str) -> dict:
     try:
         recipe_questions.main()
     except SystemExit as stop:
-        assert stop.code == "failed: ce+hidden"
+        assert stop.code.startswith("failed: ")
     return json.loads(out.read_text())
 
 
 def test_a_failed_variant_is_reported_and_the_others_run(tmp_path, monkeypatch):
-    record = sweep(tmp_path, monkeypatch, "baseline,ce+hidden,new-lr-x1")
-    assert record["failed"] == ["ce+hidden"]
+    record = sweep(tmp_path, monkeypatch, "baseline,ce+hidden,ce+kl,new-lr-x1")
+    assert record["failed"] == ["ce+hidden", "ce+kl"]  # a run that failed, a run whose figures cannot be read
     baseline, lr = record["runs"]
     assert (baseline["variant"], lr["variant"]) == ("baseline", "new-lr-x1")
     assert lr["overrides"] == ["train.new_modules_lr_multiplier=1"]
