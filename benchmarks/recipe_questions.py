@@ -177,6 +177,18 @@ def plot(record: dict, path: Path) -> None:
     logger.info("wrote %s", path)
 
 
+def earlier_runs(args: argparse.Namespace, variants: list[str]) -> list[dict]:
+    """The other variants' runs that ``--json`` holds for the same recipe and common overrides: kept, so that
+    running a few variants adds to the record instead of replacing it."""
+    if not args.json.is_file():
+        return []
+    record = json.loads(args.json.read_text())
+    if record.get("recipe") != str(args.recipe) or record.get("common_overrides") != args.sets:
+        logger.warning("%s holds runs of another recipe or other common overrides: replacing it", args.json)
+        return []
+    return [run for run in record["runs"] if run["variant"] not in variants]
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args()
@@ -189,12 +201,13 @@ def main() -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # every run's torch threads
     done: dict[str, dict] = {}
+    kept = earlier_runs(args, variants)
 
     def save() -> None:
         record = {
             "recipe": str(args.recipe), "common_overrides": args.sets, "jobs": args.jobs, "threads_per_run": threads,
             "command": " ".join(["python", *sys.argv]), "environment": describe("cuda" if torch.cuda.is_available() else "cpu", threads),
-            "runs": [done[v] for v in variants if v in done],
+            "runs": kept + [done[v] for v in variants if v in done],
             "failed": [v for v in variants if v in failed],
         }
         write_text_atomic(args.json, json.dumps(record, indent=1) + "\n")

@@ -69,6 +69,12 @@ def test_finished_runs_are_skipped(tmp_path, monkeypatch):
     assert record["runs"][0]["wall_s"] is None  # read back, not run
 
 
+def test_running_more_variants_adds_to_the_record(tmp_path, monkeypatch):
+    sweep(tmp_path, monkeypatch, "baseline")
+    record = sweep(tmp_path, monkeypatch, "new-lr-x1")
+    assert [run["variant"] for run in record["runs"]] == ["baseline", "new-lr-x1"]
+
+
 def test_unknown_variants_are_refused(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["recipe_questions.py", "recipes/tiny.yaml", "--variants", "baseline,fast"])
     with pytest.raises(SystemExit):
