@@ -202,11 +202,12 @@ def main() -> None:
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))  # every run's torch threads
     done: dict[str, dict] = {}
     kept = earlier_runs(args, variants)
+    before = describe("cuda" if torch.cuda.is_available() else "cpu", threads)  # the machine as the runs start
 
     def save() -> None:
         record = {
             "recipe": str(args.recipe), "common_overrides": args.sets, "jobs": args.jobs, "threads_per_run": threads,
-            "command": " ".join(["python", *sys.argv]), "environment": describe("cuda" if torch.cuda.is_available() else "cpu", threads),
+            "command": " ".join(["python", *sys.argv]), "environment": before,
             "runs": kept + [done[v] for v in variants if v in done],
             "failed": [v for v in variants if v in failed],
         }
