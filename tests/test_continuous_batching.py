@@ -338,3 +338,36 @@ def test_sparse_attention_indexer_cache_follows_its_rows():
     for request, result in zip(requests, results.values()):
         assert result.generated_tokens == alone(model, request["input_ids"], max_new_tokens=request["max_new_tokens"],
                                                 eos_token_id=None), result.request_id
+
+
+def test_aligned_rows_complete_their_blocks_on_the_same_steps():
+    """With align_blocks (the default) rows at every phase are brought into phase by sitting out at most
+    L_B - 1 steps each, once: the block decoder then runs on one step in L_B, on every row, and each request
+    still generates what it generates alone. Without, it runs on almost every step."""
+    model = converted("llama", block_len=4)
+    lengths = (9, 4, 6, 11, 5, 7, 13, 8)  # every phase, twice
+    generator = torch.Generator().manual_seed(4)
+    requests = [dict(input_ids=torch.randint(1, VOCAB, (n,), generator=generator).tolist(), max_new_tokens=24,
+                     eos_token_id=-1) for n in lengths]
+    block_calls = []
+    model.block_decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: block_calls.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    runs = {}
+    for align in (True, False):
+        manager = model.init_continuous_batching(max_batch_size=len(lengths), align_blocks=align)
+        recorder = StepRecorder(manager)
+        ids = manager.add_requests(requests)
+        block_calls.clear()
+        manager.run()
+        decodes = sum(e[0] == "decode" for e in recorder.events)
+        results = {}
+        while (result := manager.get_result()) is not None:
+            results[result.request_id] = result.generated_tokens
+        runs[align] = (block_calls[1:], decodes, manager.steps_held, [results[i] for i in ids])  # [0]: prefill
+    (aligned_calls, aligned_steps, held, aligned_out), (free_calls, free_steps, free_held, free_out) = runs[True], runs[False]
+    assert aligned_out == free_out == [alone(model, r["input_ids"], max_new_tokens=24, eos_token_id=None) for r in requests]
+    assert free_held == 0 and free_steps == 23 and len(free_calls) >= 20
+    assert 0 < held <= 3 * len(lengths) and aligned_steps <= 23 + 3
+    # once aligned, one step in L_B runs the block decoder, on every row (until the rows held least finish)
+    assert aligned_calls[1:-1] == [len(lengths)] * (len(aligned_calls) - 2)
+    assert len(aligned_calls) <= aligned_steps // 4 + 1

@@ -151,3 +151,30 @@ def test_greedy_batch_at_every_phase_equals_each_row_alone(num_prefix_tokens):
         assert torch.equal(batched[i, ids.shape[1] :][:steps], alone[len(prompt) :][:steps])
         compared += steps
     assert compared >= 60, "too many near-ties to compare: pick another seed"
+
+
+@pytest.mark.parametrize("num_prefix_tokens", [1, 2])
+def test_rows_that_sit_out_a_step_are_left_as_they_were(num_prefix_tokens):
+    """A step taken by some rows only (the continuous batcher holds rows to align block phases): each row's
+    logits, whenever it steps, equal the full forward of its own sequence, and a row that sat out is unchanged."""
+    model = converted(tiny_source("llama"), num_prefix_tokens)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=generator) for n in EVERY_PHASE]
+    ids, mask = left_padded(prompts)
+    sequences = list(prompts)
+    cache = BlockTransformerCache(model.config)
+    schedule = [[2, 0, 5], [1, 3, 4, 6, 7, 8], [8], None, [0, 1, 2, 3, 4, 5, 6, 7], [4, 8, 6], None]
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache, logits_to_keep=1)
+        for rows in schedule:
+            stepping = list(range(len(prompts))) if rows is None else rows
+            before = cache.num_tokens.clone()
+            tokens = torch.randint(1, VOCAB, (len(stepping), 1), generator=generator)
+            index = None if rows is None else torch.tensor(rows)
+            logits = model._decode_step(tokens, None, cache, rows=index).logits[:, -1]
+            for j, i in enumerate(stepping):
+                sequences[i] = torch.cat([sequences[i], tokens[j]])
+                torch.testing.assert_close(logits[j], model(sequences[i][None]).logits[0, -1], atol=2e-5, rtol=1e-5)
+            sat_out = [i for i in range(len(prompts)) if i not in stepping]
+            assert cache.num_tokens[sat_out].tolist() == before[sat_out].tolist()
+            assert cache.num_tokens.tolist() == [len(s) for s in sequences]

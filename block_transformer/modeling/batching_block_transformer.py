@@ -84,6 +84,12 @@ class BlockTransformerBatchingManager:
     Rows nobody takes are dropped (``keep_rows``), which also cuts the block cache back when the longest
     request has left, and the cache is dropped entirely when no request is running.
 
+    With ``align_blocks`` (the default) rows complete their blocks on the same steps: a row whose next token
+    would complete a block on another step sits out (at most L_B - 1 steps, once per request: from then on it
+    is in phase). The block decoder then runs once every L_B steps on all rows, instead of at almost every
+    step on the few rows that complete a block there, which on a memory-bound device reads its weights
+    L_B times as often. What each request generates does not change, only when.
+
     Drive it from a background thread (``start`` / ``stop``, or ``model.continuous_batching_context_manager``)
     or synchronously with ``step()``. Each request has its own generation settings (any ``GenerationConfig``
     field: ``max_new_tokens``, ``eos_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ...) and,
@@ -91,12 +97,16 @@ class BlockTransformerBatchingManager:
     ``torch.manual_seed(seed); model.generate(prompt, ...)`` produces alone (up to float ties).
     """
 
-    def __init__(self, model: "BlockTransformerForCausalLM", generation_config: GenerationConfig | None, max_batch_size: int):
+    def __init__(self, model: "BlockTransformerForCausalLM", generation_config: GenerationConfig | None, max_batch_size: int,
+                 align_blocks: bool = True):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}.")
         self.model = model
         self.generation_config = generation_config
         self.max_batch_size = max_batch_size
+        self.align_blocks = align_blocks
+        self._to_block_step: int | None = None  # steps until the rows' common block step (0: this one); None: unset
+        self.steps_held = 0  # row-steps sat out to align block phases, over the manager's life
         self.input_queue: queue.Queue[_Request] = queue.Queue()
         self.output_queue: queue.Queue[GenerationOutput] = queue.Queue()
         self._cancelled: queue.Queue[str] = queue.Queue()
@@ -293,7 +303,7 @@ class BlockTransformerBatchingManager:
             request.output.error = f"{type(error).__name__}: {error}"
             request.output.status = RequestStatus.FAILED
             self._deliver(request)
-        self._rows, self._waiting, self._cache = [], deque(), None
+        self._rows, self._waiting, self._cache, self._to_block_step = [], deque(), None, None
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -362,7 +372,7 @@ class BlockTransformerBatchingManager:
             self._cache.keep_rows(torch.tensor(keep, device=self._cache.num_tokens.device))
             self._rows = [self._rows[i] for i in keep]
         else:
-            self._cache, self._rows = None, []
+            self._cache, self._rows, self._to_block_step = None, [], None
 
     def _prefill(self, joining: list[_Request]) -> tuple[BlockTransformerCache, torch.Tensor]:
         prompts = [r.output.prompt_ids for r in joining]
@@ -383,11 +393,33 @@ class BlockTransformerBatchingManager:
 
     def _decode(self) -> None:
         device = self._cache.num_tokens.device
-        newest = torch.tensor([[r.output.generated_tokens[-1]] for r in self._rows], device=device)
-        logits = self.model(input_ids=newest, past_key_values=self._cache).logits[:, -1]
-        for i, (request, token) in enumerate(zip(self._rows, self._choose(self._rows, logits))):
-            if self._emit(request, token):
+        stepping = self._stepping_rows()
+        newest = torch.tensor([[self._rows[i].output.generated_tokens[-1]] for i in stepping], device=device)
+        rows = None if len(stepping) == len(self._rows) else torch.tensor(stepping, device=device)
+        logits = self.model._decode_step(newest, None, self._cache, rows=rows).logits[:, -1]
+        for i, token in zip(stepping, self._choose([self._rows[i] for i in stepping], logits)):
+            if self._emit(self._rows[i], token):
                 self._rows[i] = None
+
+    def _stepping_rows(self) -> list[int]:
+        """The rows that take this step: all of them, except (``align_blocks``) those whose newest token would
+        complete a block before the rows' common block step. That step is first put where the rows wait
+        least, and moved to now when every row would wait (nobody would step)."""
+        block_len = self.model.config.block_len
+        everyone = list(range(len(self._rows)))
+        if not self.align_blocks or block_len == 1:
+            return everyone
+        # steps until each row's newest token completes a block (0: this one); the cache holds every token but it
+        until = [(block_len - 1 - (len(r.output.prompt_ids) + len(r.output.generated_tokens) - 1)) % block_len
+                 for r in self._rows]
+        if self._to_block_step is None:
+            self._to_block_step = min(range(block_len), key=lambda k: sum((k - u) % block_len for u in until))
+        stepping = [i for i in everyone if until[i] or not self._to_block_step]
+        if not stepping:
+            self._to_block_step, stepping = 0, everyone
+        self.steps_held += len(everyone) - len(stepping)
+        self._to_block_step = (self._to_block_step - 1) % block_len
+        return stepping
 
     def _choose(self, requests: list[_Request], logits: torch.Tensor) -> list[int]:
         """Each request's next token, as ``generate`` picks it (its logits processors, then argmax or sampling

@@ -758,7 +758,8 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         )
 
     def _decode_step(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: BlockTransformerCache
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: BlockTransformerCache,
+        rows: torch.Tensor | None = None,
     ) -> BlockTransformerCausalLMOutput:
         """Feed each row's newest token: one block-decoder call for the rows that complete a block, then one
         token-decoder call for every row.
@@ -766,29 +767,41 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         A completed block is never a token-decoder input: its embedding extends the block cache, the new
         context is expanded into a fresh prefix (the token cache restarts) and the last prefix slot
         predicts the next block's first token. Every other row runs one token-decoder position.
+
+        ``rows`` (cache row indices, ``input_ids`` in that order) lets only those rows take a step; the others
+        sit it out unchanged. The continuous batcher holds rows this way to keep their block phases aligned.
         """
         self._check_decode_inputs(input_ids, attention_mask)
         block_len = self.config.block_len
         token = input_ids[:, 0]
         batch = token.shape[0]
-        offset = cache.num_tokens % block_len
-        cache.current_block[torch.arange(batch, device=token.device), offset] = token
+        if rows is not None and rows.shape[0] != batch:
+            raise ValueError(f"{rows.shape[0]} rows take a step but input_ids has {batch}.")
+        index = torch.arange(batch, device=token.device) if rows is None else rows
+        lengths = cache.num_tokens if rows is None else cache.num_tokens[rows]
+        offset = lengths % block_len
+        cache.current_block[index, offset] = token
         completes = offset == block_len - 1
         n_complete = int(completes.sum())  # the step's one host sync on the row phases
         prefix = None
         if n_complete:
-            rows = None if n_complete == batch else completes.nonzero(as_tuple=True)[0]  # None: all, no gather
-            block_ids = cache.current_block if rows is None else cache.current_block[rows]
+            # None: every cache row, in order (no gather)
+            starting = None if rows is None and n_complete == batch else index[completes]
+            block_ids = cache.current_block if starting is None else cache.current_block[starting]
             blocks = self.embed_blocks(block_ids, torch.ones_like(block_ids, dtype=torch.bool)).unsqueeze(1)
-            done = cache.num_tokens if rows is None else cache.num_tokens[rows]  # (a boolean mask would sync again)
+            done = cache.num_tokens if starting is None else cache.num_tokens[starting]  # (a boolean mask would sync again)
             write_at = 1 + done // block_len  # block k sits at block position k + 1
-            layout = KVLayout.per_row(rows, write_at.unsqueeze(1), batch)
+            layout = KVLayout.per_row(starting, write_at.unsqueeze(1), cache.batch_size)
             context = self._run_decoder(self.block_decoder, blocks, layout.slots, cache.block, layout)
             prefix = self.expand_prefix(context[:, 0])
-        inputs, layout, take = self._token_step_layout(token, offset, completes, n_complete, prefix)
+        inputs, layout, take = self._token_step_layout(token, offset, completes, n_complete, prefix, rows,
+                                                       cache.batch_size)
         hidden = self._run_decoder(self.token_decoder, inputs, layout.slots, cache.token, layout).flatten(0, 1)
         hidden = hidden[take]
-        cache.num_tokens += 1
+        if rows is None:
+            cache.num_tokens += 1
+        else:
+            cache.num_tokens[rows] += 1
         return BlockTransformerCausalLMOutput(logits=self.logits(hidden).unsqueeze(1), past_key_values=cache)
 
     @staticmethod
@@ -843,16 +856,17 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
 
     def _token_step_layout(
         self, token: torch.Tensor, offset: torch.Tensor, completes: torch.Tensor, n_complete: int,
-        prefix: torch.Tensor | None,
+        prefix: torch.Tensor | None, rows: torch.Tensor | None, cache_rows: int,
     ) -> tuple[torch.Tensor, KVLayout, torch.Tensor]:
-        """The token-decoder input of a decode step for every row at once: (inputs [C, W, D], their layout,
-        the flat index of each row's predicting state in the [C * W] outputs).
+        """The token-decoder input of a decode step for every stepping row at once: (inputs [C, W, D], their
+        layout, the flat index of each row's predicting state in the [C * W] outputs).
 
         A row that completes a block brings its N_P prefix vectors (slots 0 … N_P - 1, the token cache
         restarts); any other row brings its newest token, at slot N_P + its offset in the block. When every
         row brings as many positions as the others (aligned prompts, or N_P = 1), the batch goes in as it
         is. Otherwise each prefix is a chunk of its own and the one-position rows share chunks of N_P, so
         no position is computed for nothing except the padding of the last chunk (< N_P positions).
+        ``rows``: the cache rows stepping (None: all ``cache_rows``, in order); row ``cache_rows`` is scratch.
         """
         n_prefix = self.config.num_prefix_tokens
         device = token.device
@@ -860,35 +874,36 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         if n_complete == batch:  # every row starts a block
             slots = torch.arange(n_prefix, device=device).expand(batch, -1)
             take = torch.arange(batch, device=device) * n_prefix + n_prefix - 1
-            return prefix, KVLayout.per_row(None, slots, batch), take
+            return prefix, KVLayout.per_row(rows, slots, cache_rows), take
         inputs = self.token_decoder_inputs(token)
         slots = n_prefix + offset
         if n_complete == 0 or n_prefix == 1:  # one position per row
             if n_complete:
                 inputs = inputs.masked_scatter(completes.unsqueeze(-1), prefix[:, -1])
                 slots = slots.masked_fill(completes, 0)
-            layout = KVLayout.per_row(None, slots.unsqueeze(1), batch)
+            layout = KVLayout.per_row(rows, slots.unsqueeze(1), cache_rows)
             return inputs.unsqueeze(1), layout, torch.arange(batch, device=device)
 
         width = n_prefix
+        index = torch.arange(batch, device=device) if rows is None else rows
         starting = completes.nonzero(as_tuple=True)[0]
         going_on = (~completes).nonzero(as_tuple=True)[0]
         n_going_on = going_on.shape[0]
         pad = -n_going_on % width
-        scratch = torch.full((pad,), batch, dtype=torch.long, device=device)  # the cache's scratch row
+        scratch = torch.full((pad,), cache_rows, dtype=torch.long, device=device)
         flat_inputs = torch.cat([prefix.flatten(0, 1), inputs[going_on], inputs.new_zeros(pad, inputs.shape[-1])])
-        rows = torch.cat([starting.repeat_interleave(width), going_on, scratch])
+        owners = torch.cat([index[starting].repeat_interleave(width), index[going_on], scratch])
         flat_slots = torch.cat([torch.arange(width, device=device).repeat(n_complete), slots[going_on], scratch * 0])
         members = torch.cat([
             torch.zeros(n_complete * width, dtype=torch.long, device=device),
             torch.arange(n_going_on + pad, device=device) % width,
         ])
         key_rows = torch.cat([
-            torch.cat([starting.unsqueeze(1), starting.new_full((n_complete, width - 1), batch)], dim=1),
-            torch.cat([going_on, scratch]).view(-1, width),
+            torch.cat([index[starting].unsqueeze(1), starting.new_full((n_complete, width - 1), cache_rows)], dim=1),
+            torch.cat([index[going_on], scratch]).view(-1, width),
         ])
         layout = KVLayout(
-            rows=rows.view(-1, width), slots=flat_slots.view(-1, width), key_rows=key_rows,
+            rows=owners.view(-1, width), slots=flat_slots.view(-1, width), key_rows=key_rows,
             members=members.view(-1, width),
         )
         take = torch.empty(batch, dtype=torch.long, device=device)
@@ -948,16 +963,18 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         continuous_batching_config=None,
         workload_hints=None,
         max_batch_size: int | None = None,
+        align_blocks: bool = True,
     ) -> "BlockTransformerBatchingManager":
         """A manager that keeps up to ``max_batch_size`` requests decoding together (default: the
         ``max_requests_per_batch`` of a transformers ``ContinuousBatchingConfig``, else 32). Its other fields
-        (pages, CUDA graphs, ...) and ``workload_hints`` concern transformers' paged cache and are ignored."""
+        (pages, CUDA graphs, ...) and ``workload_hints`` concern transformers' paged cache and are ignored.
+        ``align_blocks``: keep the rows' block phases aligned (see ``BlockTransformerBatchingManager``)."""
         from .batching_block_transformer import BlockTransformerBatchingManager
 
         config = copy.deepcopy(generation_config)  # None: the model's, as in generate()
         if max_batch_size is None:
             max_batch_size = getattr(continuous_batching_config, "max_requests_per_batch", None) or 32
-        return BlockTransformerBatchingManager(self, config, max_batch_size)
+        return BlockTransformerBatchingManager(self, config, max_batch_size, align_blocks=align_blocks)
 
     @contextmanager
     def continuous_batching_context_manager(
@@ -967,10 +984,12 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         timeout: float | None = None,
         continuous_batching_config=None,
         max_batch_size: int | None = None,
+        align_blocks: bool = True,
         **ignored,
     ) -> Iterator["BlockTransformerBatchingManager"]:
         """A started manager (background thread), stopped on exit."""
-        manager = self.init_continuous_batching(generation_config, continuous_batching_config, max_batch_size=max_batch_size)
+        manager = self.init_continuous_batching(generation_config, continuous_batching_config,
+                                                max_batch_size=max_batch_size, align_blocks=align_blocks)
         manager.start()
         try:
             yield manager
@@ -988,6 +1007,7 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         persistent_manager: bool = False,
         warmup: bool = True,
         max_batch_size: int | None = None,
+        align_blocks: bool = True,
         **kwargs,
     ) -> dict[str, "GenerationOutput"]:
         """Generate for many prompts with continuous batching; returns {request id: GenerationOutput} in input
@@ -996,9 +1016,11 @@ class BlockTransformerForCausalLM(BlockTransformerPreTrainedModel, GenerationMix
         ``inputs`` are token-id lists, or dicts of per-request ``add_request`` arguments (``input_ids`` plus e.g.
         ``max_new_tokens``, ``eos_token_id``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``);
         ``kwargs`` are settings shared by every request. Runs in the calling thread; ``progress_bar``,
-        ``persistent_manager`` and ``warmup`` are accepted for compatibility and have no effect.
+        ``persistent_manager`` and ``warmup`` are accepted for compatibility and have no effect. ``align_blocks``:
+        see ``BlockTransformerBatchingManager``.
         """
-        manager = self.init_continuous_batching(generation_config, continuous_batching_config, max_batch_size=max_batch_size)
+        manager = self.init_continuous_batching(generation_config, continuous_batching_config,
+                                                max_batch_size=max_batch_size, align_blocks=align_blocks)
         request_ids = manager.add_requests(inputs, record_timestamps=record_timestamps, **kwargs)
         manager.run()
         results = {}
