@@ -36,11 +36,15 @@ def test_bt_bench_end_to_end(folders, tmp_path):
     record = json.loads(out.read_text())
     assert [row["setting"]["name"] for row in record["rows"]] == ["b2-p8-n5", "b2-p8-n5-ragged"]
     for row in record["rows"]:
-        assert set(row["results"]) == {"block_transformer", "vanilla_dynamic", "vanilla_static"}
+        batcher = {"block_transformer_batcher"} if row["setting"]["ragged"] else set()
+        assert set(row["results"]) == {"block_transformer", "vanilla_dynamic", "vanilla_static"} | batcher
         for measured in row["results"].values():
             assert measured["whole_call_s"] > 0 and measured["time_to_first_token_s"] > 0
             assert measured["peak_rss_bytes"] > 10 * 2**20
         assert row["ratios"]["vs_vanilla_dynamic"]["whole_call_tokens_per_s"] > 0
+        if batcher:
+            assert row["ratios"]["batcher_vs_vanilla_static"]["decode_tokens_per_s"] > 0
+            assert row["results"]["block_transformer_batcher"]["steps_held"] >= 0
     assert "BT vs_vanilla_static" in result.output
     assert record["environment"]["cpu_count"] >= 1 and record["environment"]["hardware"].startswith("CPU")
     card = (bt / "README.md").read_text()

@@ -112,7 +112,11 @@ def test_bt_bench_workload_end_to_end(tmp_path):
     record = json.loads(out.read_text())
     row = record["rows"][0]
     assert row["setting"]["name"] == "workload-r6-b3-p10-n6-offline"
-    assert set(row["results"]) == {"block_transformer", "vanilla_continuous", "vanilla_static_batching"}
+    assert set(row["results"]) == {"block_transformer", "block_transformer_unaligned", "vanilla_continuous",
+                                   "vanilla_static_batching"}
+    assert row["results"]["block_transformer"]["align_blocks"] is True
+    assert row["results"]["block_transformer_unaligned"]["align_blocks"] is False
+    assert row["results"]["block_transformer_unaligned"]["steps_held"] == 0
     assert row["ratios"]["vs_best_source"]["source"] in {"vanilla_continuous", "vanilla_static_batching"}
     assert all(r["peak_rss_bytes"] > 10 * 2**20 for r in row["results"].values())
     assert "BT vs_best_source" in result.output and "TTFT p95" in result.output

@@ -26,6 +26,8 @@ VARIANTS = (
     ("vanilla_dynamic", "vanilla", None),
     ("vanilla_static", "vanilla", "static"),
 )
+# a ragged setting also serves the converted model's prompts through its continuous batcher (aligned block phases)
+BATCHER_VARIANT = ("block_transformer_batcher", "block_transformer", None)
 RATIO_KEYS = ("whole_call_tokens_per_s", "decode_tokens_per_s")
 INVERSE_RATIO_KEYS = ("time_to_first_token_s", "peak_rss_bytes", "kv_cache_bytes_per_sequence")
 
@@ -85,14 +87,17 @@ def run_benchmark(
     rows = []
     for setting in settings:
         measured = {}
-        for label, kind, cache in VARIANTS:
+        for label, kind, cache in VARIANTS + ((BATCHER_VARIANT,) if setting.ragged else ()):
             spec = model if kind == "block_transformer" else baseline
             logger.info("%s: %s", setting.name, label)
             what = ["--setting", json.dumps(asdict(setting))] + (["--cache-implementation", cache] if cache else [])
+            what += ["--serve", "batcher"] if label == BATCHER_VARIANT[0] else []
             measured[label] = _worker(kind, spec, what, dtype, device, threads, repeats)
-        rows.append({"setting": asdict(setting) | {"name": setting.name}, "results": measured,
-                     "ratios": {f"vs_{label}": _ratios(measured["block_transformer"], measured[label])
-                                for label, _, _ in VARIANTS[1:]}})
+        ratios = {f"vs_{label}": _ratios(measured["block_transformer"], measured[label]) for label, _, _ in VARIANTS[1:]}
+        if BATCHER_VARIANT[0] in measured:
+            ratios |= {f"batcher_vs_{label}": _ratios(measured[BATCHER_VARIANT[0]], measured[label])
+                       for label, _, _ in VARIANTS[1:]}
+        rows.append({"setting": asdict(setting) | {"name": setting.name}, "results": measured, "ratios": ratios})
     return _record(model, baseline, dtype, device, threads, repeats, before, rows)
 
 
@@ -141,12 +146,14 @@ def run_comparison(
     return record | {"benchmark": "bt-bench comparison", "models": models, "source": source_label}
 
 
-# (label, kind, mode) for --workload: the converted model's continuous batcher against the source served by
-# transformers' continuous batching and by static batching (groups of `rows` requests)
+# (label, kind, worker arguments) for --workload: the converted model's continuous batcher (also without aligned
+# block phases, to show what aligning gives) against the source served by transformers' continuous batching
+# and by static batching (groups of `rows` requests)
 WORKLOAD_VARIANTS = (
-    ("block_transformer", "block_transformer", "continuous"),
-    ("vanilla_continuous", "vanilla", "continuous"),
-    ("vanilla_static_batching", "vanilla", "static"),
+    ("block_transformer", "block_transformer", ["--mode", "continuous"]),
+    ("block_transformer_unaligned", "block_transformer", ["--mode", "continuous", "--no-align-blocks"]),
+    ("vanilla_continuous", "vanilla", ["--mode", "continuous"]),
+    ("vanilla_static_batching", "vanilla", ["--mode", "static"]),
 )
 
 
@@ -165,9 +172,9 @@ def run_workload_benchmark(
     before = environment.describe(device, threads)
     environment.warn_if_busy(before)
     measured = {}
-    for label, kind, mode in WORKLOAD_VARIANTS:
+    for label, kind, how in WORKLOAD_VARIANTS:
         logger.info("%s: %s", workload.name, label)
-        what = ["--workload", json.dumps(asdict(workload)), "--mode", mode]
+        what = ["--workload", json.dumps(asdict(workload)), *how]
         measured[label] = _worker(kind, model if kind == "block_transformer" else baseline, what, dtype, device,
                                   threads, repeats)
     sources = [label for label, kind, _ in WORKLOAD_VARIANTS if kind == "vanilla"]

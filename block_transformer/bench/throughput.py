@@ -7,6 +7,10 @@ warm-up call of the full measured size first, then ``repeats`` timed calls; the 
 * whole call: ``generate(max_new_tokens=N)``, prefill + decode, as the paper reports throughput;
 * time to first token: from the call's start until prefill's logits exist (timed inside the same call);
 * decode only: (whole call - time to first token) over the remaining N - 1 steps.
+
+A ragged setting is also served by the Block Transformer's continuous batcher (``measure_batcher``): the same
+prompts as requests arriving together, one row each, which aligns the rows' block phases (``align_blocks``);
+``generate()`` cannot, as it takes one token for every row at every step.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from dataclasses import asdict
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .settings import Setting
 
@@ -102,6 +106,41 @@ def measure_generation(model, setting: Setting, repeats: int = 3, seed: int = 0,
         timed_generate(model, inputs)
         runs = [timed_generate(model, inputs) for _ in range(repeats)]
     return summarize(setting, runs) | {"kv_cache_bytes_per_sequence": kv_cache_bytes(model, setting)}
+
+
+def timed_batcher(model, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, int]:
+    """``prompts`` served by the Block Transformer's continuous batcher, arriving together, a row each,
+    ``new_tokens`` each (greedy, no eos): (time to first token, whole call, row-steps held to align block
+    phases). Prefill is one call, so every first token exists at the same time."""
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, eos_token_id=-1),
+                                             max_batch_size=len(prompts))
+    _sync()
+    started = time.perf_counter()
+    manager.add_requests(prompts, max_new_tokens=new_tokens, record_timestamps=True)
+    manager.run()
+    _sync()
+    outputs = []
+    while (output := manager.get_result()) is not None:
+        outputs.append(output)
+    if len(outputs) != len(prompts) or any(len(o.generated_tokens) != new_tokens for o in outputs):
+        raise RuntimeError(f"the batcher returned {len(outputs)} of {len(prompts)} requests, not all of "
+                           f"{new_tokens} tokens")
+    first = max(o.timestamps[0] for o in outputs) - started
+    return first, max(o.timestamps[-1] for o in outputs) - started, manager.steps_held
+
+
+def measure_batcher(model, setting: Setting, repeats: int = 3, seed: int = 0) -> dict:
+    """``measure_generation``'s figures for the setting's prompts served by the continuous batcher."""
+    ids, mask = make_prompts(setting, model.config.vocab_size, seed)
+    prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+    with torch.inference_mode():
+        timed_batcher(model, prompts, setting.new_tokens)  # warm-up of the full measured size
+        runs = [timed_batcher(model, prompts, setting.new_tokens) for _ in range(repeats)]
+    return summarize(setting, [run[:2] for run in runs]) | {
+        "served_by": "continuous batcher (align_blocks)",
+        "steps_held": runs[0][2],  # the same in every run: it depends only on the prompt lengths
+        "kv_cache_bytes_per_sequence": kv_cache_bytes(model, setting),
+    }
 
 
 def _attention_shape(config) -> tuple[int, int]:

@@ -6,6 +6,7 @@ A process per (model, setting) keeps peak memory attributable: ``ru_maxrss`` is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -41,22 +42,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-implementation", default=None)
+    parser.add_argument("--no-align-blocks", dest="align_blocks", action="store_false",
+                        help="a workload through the Block Transformer's batcher without aligned block phases")
+    parser.add_argument("--serve", choices=["generate", "batcher"], default="generate",
+                        help="a setting through generate(), or (Block Transformer) its continuous batcher")
     args = parser.parse_args(argv)
 
     from block_transformer.bench.settings import Setting
-    from block_transformer.bench.throughput import bytes_per_decode_step, measure_generation
+    from block_transformer.bench.throughput import bytes_per_decode_step, measure_batcher, measure_generation
 
     from block_transformer.bench.workload import Workload, measure_workload
 
     torch.set_num_threads(args.threads)
     model = load(args.kind, args.model, torch_dtype(args.dtype), args.device)
     if args.workload:
-        result = measure_workload(model, Workload(**json.loads(args.workload)), args.mode, repeats=args.repeats)
+        result = measure_workload(model, Workload(**json.loads(args.workload)), args.mode, repeats=args.repeats,
+                                  align_blocks=args.align_blocks)
     else:
         setting = Setting(**json.loads(args.setting))
-        extra = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
-        result = measure_generation(model, setting, repeats=args.repeats, **extra)
-        result["bytes_per_decode_step"] = bytes_per_decode_step(model, setting)
+        if args.serve == "batcher":
+            result = measure_batcher(model, setting, repeats=args.repeats)
+            # its rows complete blocks together: the block decoder's weights are read one step in L_B
+            result["bytes_per_decode_step"] = bytes_per_decode_step(model, dataclasses.replace(setting, ragged=False))
+        else:
+            extra = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
+            result = measure_generation(model, setting, repeats=args.repeats, **extra)
+            result["bytes_per_decode_step"] = bytes_per_decode_step(model, setting)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if args.device.startswith("cuda"):
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()

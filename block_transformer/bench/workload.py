@@ -83,22 +83,26 @@ def _pass_ids(requests: list[Request], tag: str) -> list[Request]:
     return [dataclasses.replace(r, request_id=f"{r.request_id}@{tag}") for r in requests]
 
 
-def continuous_manager(model, workload: Workload, requests: list[Request]):
+def continuous_manager(model, workload: Workload, requests: list[Request], align_blocks: bool = True):
     """A continuous-batching manager for ``model`` with a row budget of ``workload.rows``.
 
     The source's is transformers' own, with a paged cache sized for the ``rows`` longest requests at once
     (what the row budget can hold), no prefix sharing (every pass repeats the same prompts) and no
-    scheduler safety margin (the pool is sized already); the Block Transformer's reads only
-    ``max_requests_per_batch``.
+    scheduler safety margin (the pool is sized already); the Block Transformer's takes the row budget and
+    ``align_blocks``.
     """
     from transformers import ContinuousBatchingConfig
+
+    generation = GenerationConfig(max_new_tokens=workload.new_tokens, eos_token_id=-1)
+    if model.config.model_type == "block_transformer":
+        return model.init_continuous_batching(generation, max_batch_size=workload.rows, align_blocks=align_blocks)
 
     page = 32
     pages = sorted((-(-(len(r.prompt) + r.max_new_tokens) // page) for r in requests), reverse=True)
     config = ContinuousBatchingConfig(
         max_requests_per_batch=workload.rows, page_size=page, num_blocks=sum(pages[: workload.rows]) + workload.rows,
         max_blocks_per_request=pages[0] + 1, max_batch_tokens=2048, allow_block_sharing=False, safety_margin=0.0)
-    return model.init_continuous_batching(GenerationConfig(max_new_tokens=workload.new_tokens, eos_token_id=-1), config)
+    return model.init_continuous_batching(generation, config)
 
 
 def serve_continuous(manager, requests: list[Request]) -> dict[str, tuple[list[int], list[float]]]:
@@ -195,7 +199,7 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": cuts[49], "p95": cuts[94], "mean": statistics.fmean(values)}
 
 
-def measure_workload(model, workload: Workload, mode: str, repeats: int = 3) -> dict:
+def measure_workload(model, workload: Workload, mode: str, repeats: int = 3, align_blocks: bool = True) -> dict:
     """Serve the workload once to warm up (full size: the same requests), then ``repeats`` times; the pass
     with the median makespan is reported, with every pass's makespan.
 
@@ -210,7 +214,7 @@ def measure_workload(model, workload: Workload, mode: str, repeats: int = 3) -> 
     pad = saved.pad_token_id
     model.generation_config = GenerationConfig(do_sample=False, pad_token_id=0 if pad is None else pad,
                                                eos_token_id=saved.eos_token_id)
-    manager = continuous_manager(model, workload, requests) if mode == "continuous" else None
+    manager = continuous_manager(model, workload, requests, align_blocks) if mode == "continuous" else None
 
     def serve(tag: str) -> dict:
         tagged = _pass_ids(requests, tag)
@@ -228,5 +232,6 @@ def measure_workload(model, workload: Workload, mode: str, repeats: int = 3) -> 
             manager.stop(block=True)
         model.generation_config = saved
     runs.sort(key=lambda run: run["makespan_s"])
+    held = {"steps_held": manager.steps_held, "align_blocks": align_blocks} if hasattr(manager, "steps_held") else {}
     return {"workload": asdict(workload) | {"name": workload.name}, "mode": mode, **runs[len(runs) // 2],
-            "makespans_s": [run["makespan_s"] for run in runs]}
+            "makespans_s": [run["makespan_s"] for run in runs], **held}
