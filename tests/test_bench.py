@@ -123,3 +123,23 @@ def test_comparison_needs_a_model(folders):
 
     with pytest.raises(BlockTransformerError, match="at least one converted folder"):
         run_comparison({}, str(folders[0]), [Setting(1, 4, 2)])
+
+
+@pytest.mark.slow  # a subprocess with real generation
+def test_ragged_decode_benchmark_records_every_variant(folders, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, bt = folders
+    out = tmp_path / "ragged.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ragged_decode.py"
+    done = subprocess.run([sys.executable, str(script), str(bt), "--batch-size", "4", "--prompt-len", "9",
+                           "--new-tokens", "6", "--repeats", "1", "--threads", "1", "--device", "cpu", "--json", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["generate_aligned", "generate_ragged", "batcher_ragged", "batcher_aligned"]
+    assert results["generate_aligned"]["decode_vs_generate_aligned"] == 1.0
+    assert all(r["whole_call_s"] > r["time_to_first_token_s"] > 0 for r in results.values())
+    assert results["generate_ragged"]["steps_held"] == results["batcher_aligned"]["steps_held"] == 0

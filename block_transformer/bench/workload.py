@@ -232,6 +232,7 @@ def measure_workload(model, workload: Workload, mode: str, repeats: int = 3, ali
             manager.stop(block=True)
         model.generation_config = saved
     runs.sort(key=lambda run: run["makespan_s"])
+    # the Block Transformer's row-steps held to align block phases, summed over every pass (warm-up included)
     held = {"steps_held": manager.steps_held, "align_blocks": align_blocks} if hasattr(manager, "steps_held") else {}
     return {"workload": asdict(workload) | {"name": workload.name}, "mode": mode, **runs[len(runs) // 2],
             "makespans_s": [run["makespan_s"] for run in runs], **held}
