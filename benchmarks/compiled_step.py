@@ -21,7 +21,6 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -31,30 +30,17 @@ from block_transformer.bench.settings import Setting
 from block_transformer.bench.throughput import generation_inputs, summarize, timed_generate
 from block_transformer.environment import describe, machine_load
 from block_transformer.export import write_text_atomic
+from decode_args import decode_parser, parse_decode_args  # beside this script
 
 logger = logging.getLogger("compiled_step")
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {"eager": {}, "static": {"cache_implementation": "static"}, "compiled": {"cache_implementation": "static"}}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="a converted folder")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = decode_parser(__doc__, "compiled_step", repeats=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="[default: the folder's]")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="[default: benchmarks/results/compiled_step_<cpu|cuda>_<folder name>.json]")
-    args = parser.parse_args()
-    if args.json is None:
-        kind = "cuda" if args.device.startswith("cuda") else "cpu"
-        args.json = ROOT / "benchmarks" / "results" / f"compiled_step_{kind}_{args.model.resolve().name}.json"
-    return args
+    return parse_decode_args(parser)
 
 
 @contextmanager

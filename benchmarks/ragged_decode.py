@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -32,28 +31,14 @@ from block_transformer.bench.settings import Setting
 from block_transformer.bench.throughput import generation_inputs, make_prompts, summarize, timed_batcher, timed_generate
 from block_transformer.environment import describe, machine_load
 from block_transformer.export import write_text_atomic
+from decode_args import decode_parser, parse_decode_args  # beside this script
 
 logger = logging.getLogger("ragged_decode")
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("generate_aligned", "generate_ragged", "batcher_ragged", "batcher_aligned")
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="a converted folder")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="[default: benchmarks/results/ragged_decode_<cpu|cuda>_<folder name>.json]")
-    args = parser.parse_args()
-    if args.json is None:
-        kind = "cuda" if args.device.startswith("cuda") else "cpu"
-        args.json = ROOT / "benchmarks" / "results" / f"ragged_decode_{kind}_{args.model.resolve().name}.json"
-    return args
+    return parse_decode_args(decode_parser(__doc__, "ragged_decode", repeats=5))
 
 
 def callers(model, args) -> dict:
