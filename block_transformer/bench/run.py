@@ -20,21 +20,21 @@ from .workload import Workload
 
 logger = logging.getLogger(__name__)
 
-# (label, kind, cache_implementation): what a user would otherwise run, next to the converted model
+# (label, kind, worker arguments): what a user would otherwise run, next to the converted model
 VARIANTS = (
-    ("block_transformer", "block_transformer", None),
-    ("vanilla_dynamic", "vanilla", None),
-    ("vanilla_static", "vanilla", "static"),
+    ("block_transformer", "block_transformer", []),
+    ("vanilla_dynamic", "vanilla", []),
+    ("vanilla_static", "vanilla", ["--cache-implementation", "static"]),
 )
 # a ragged setting also serves the converted model's prompts through its continuous batcher (aligned block phases)
-BATCHER_VARIANT = ("block_transformer_batcher", "block_transformer", None)
+BATCHER_VARIANT = ("block_transformer_batcher", "block_transformer", ["--serve", "batcher"])
 RATIO_KEYS = ("whole_call_tokens_per_s", "decode_tokens_per_s")
 INVERSE_RATIO_KEYS = ("time_to_first_token_s", "peak_rss_bytes", "kv_cache_bytes_per_sequence")
 
 
 def _worker(kind: str, spec: str, what: list[str], dtype: str, device: str, threads: int, repeats: int) -> dict:
-    """Run one measurement in a fresh process; ``what`` is ``--setting JSON [--cache-implementation X]`` or
-    ``--workload JSON --mode M``."""
+    """Run one measurement in a fresh process; ``what`` is ``--setting JSON`` (plus ``--cache-implementation X``
+    or ``--serve batcher``) or ``--workload JSON --mode M [--no-align-blocks]``."""
     cmd = [
         sys.executable, "-m", "block_transformer.bench.worker", "--kind", kind, "--model", spec, *what,
         "--dtype", dtype, "--device", device, "--threads", str(threads), "--repeats", str(repeats),
@@ -87,12 +87,11 @@ def run_benchmark(
     rows = []
     for setting in settings:
         measured = {}
-        for label, kind, cache in VARIANTS + ((BATCHER_VARIANT,) if setting.ragged else ()):
+        for label, kind, how in VARIANTS + ((BATCHER_VARIANT,) if setting.ragged else ()):
             spec = model if kind == "block_transformer" else baseline
             logger.info("%s: %s", setting.name, label)
-            what = ["--setting", json.dumps(asdict(setting))] + (["--cache-implementation", cache] if cache else [])
-            what += ["--serve", "batcher"] if label == BATCHER_VARIANT[0] else []
-            measured[label] = _worker(kind, spec, what, dtype, device, threads, repeats)
+            measured[label] = _worker(kind, spec, ["--setting", json.dumps(asdict(setting)), *how], dtype, device,
+                                      threads, repeats)
         ratios = {f"vs_{label}": _ratios(measured["block_transformer"], measured[label]) for label, _, _ in VARIANTS[1:]}
         if BATCHER_VARIANT[0] in measured:
             ratios |= {f"batcher_vs_{label}": _ratios(measured[BATCHER_VARIANT[0]], measured[label])

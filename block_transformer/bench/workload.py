@@ -91,11 +91,10 @@ def continuous_manager(model, workload: Workload, requests: list[Request], align
     scheduler safety margin (the pool is sized already); the Block Transformer's takes the row budget and
     ``align_blocks``.
     """
-    from transformers import ContinuousBatchingConfig
-
     generation = GenerationConfig(max_new_tokens=workload.new_tokens, eos_token_id=-1)
     if model.config.model_type == "block_transformer":
         return model.init_continuous_batching(generation, max_batch_size=workload.rows, align_blocks=align_blocks)
+    from transformers import ContinuousBatchingConfig
 
     page = 32
     pages = sorted((-(-(len(r.prompt) + r.max_new_tokens) // page) for r in requests), reverse=True)
