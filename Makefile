@@ -16,7 +16,7 @@ install:  ## .venv with the pinned torch (see above), then the package with its 
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -e ".[test,lm-eval]"
+	$(BIN)/python -m pip install -e ".[test,lm-eval,corpora]"
 
 test:  ## the whole suite, as CI runs it
 	$(BIN)/python -m pytest

