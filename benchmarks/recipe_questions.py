@@ -54,18 +54,19 @@ VARIANTS: dict[str, list[str]] = {
     "new-lr-x1": ["train.new_modules_lr_multiplier=1"],  # both recipes' setting since the H100 runs
     "new-lr-x3": ["train.new_modules_lr_multiplier=3"],  # their setting before
     "new-lr-x10": ["train.new_modules_lr_multiplier=10"],
+    "prefix-1": ["model.num_prefix_tokens=1"],  # a fifth less token-decoder work per token than 2
     "prefix-4": ["model.num_prefix_tokens=4"],
     "lr-1e-3": ["train.lr=1e-3"],
+    "lr-1.5e-4": ["train.lr=1.5e-4"],  # half the recipe's: less drift from the source's weights?
     "block-len-2": ["model.block_len=2"],
     "block-len-2+lr-1e-3": ["model.block_len=2", "train.lr=1e-3"],
-    # the general mixture plus narrative prose (Jane Austen's novels, `bt-fetch-demo --general`), a fifth of it
-    "prose": ["data.train=" + json.dumps([
+    # the general mixture without its narrative prose (Jane Austen's novels), as it was before the "prose" run
+    "no-prose": ["data.train=" + json.dumps([
         {"name": "python-docs", "path": "~/.cache/block-transformer/demo/python-docs", "weight": 0.25,
          "heldout_tokens": 65536},
         {"name": "gnu-standards", "path": "~/.cache/block-transformer/general/gnu-standards", "weight": 0.15},
         {"name": "debian-reference", "path": "~/.cache/block-transformer/general/debian-reference", "weight": 0.25},
         {"name": "wordnet", "path": "~/.cache/block-transformer/general/wordnet", "weight": 0.35},
-        {"name": "austen", "path": "~/.cache/block-transformer/general/austen", "weight": 0.25},
     ])],
 }
 
@@ -108,7 +109,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict | None:
     ran_before = summary.is_file()
     start = time.perf_counter()
     try:
-        stage(command(args.recipe, variant, out, args.sets), summary, out.with_suffix(".log"), Path(f"{out}.checkpoints"))
+        log = out.parent / f"{variant}.log"  # not with_suffix: "lr-1.5e-4" would log to "lr-1.log"
+        stage(command(args.recipe, variant, out, args.sets), summary, log, Path(f"{out}.checkpoints"))
         result = figures(variant, out, None if ran_before else time.perf_counter() - start)
     except (SystemExit, Exception) as failure:  # stage's message names the log; the other variants go on
         logger.error("%s: %s", variant, failure)

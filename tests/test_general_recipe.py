@@ -377,7 +377,8 @@ def test_the_held_out_tail_length_has_one_rule_for_a_corpus_and_each_component(t
 
 def test_the_general_recipe_validates():
     recipe = load_recipe(REPO / "recipes" / "smollm2-general.yaml")
-    assert [c.name for c in recipe.data.components] == ["python-docs", "gnu-standards", "debian-reference", "wordnet"]
+    assert [c.name for c in recipe.data.components] == ["python-docs", "gnu-standards", "debian-reference", "wordnet",
+                                                       "austen"]
     assert "fortunes" in recipe.eval_set_names and "fortunes" not in [c.name for c in recipe.data.components]
     assert recipe.primary_eval_set == "fortunes" and recipe.model.split == "15/15" and recipe.model.block_len == 4
     assert recipe.total_steps * recipe.train.batch_size * recipe.data.seq_len >= 300_000
@@ -632,4 +633,4 @@ def test_fortune_folders_are_skipped_and_unknown_corpora_are_one_line(tmp_path):
     with pytest.raises(corpora.BlockTransformerError) as err:
         corpora.fetch_general(["fortunes", "nope"])
     assert str(err.value) == ("no general corpus named nope: choose from fortunes, gnu-standards, debian-reference, "
-                              "wordnet.")
+                              "wordnet, austen.")

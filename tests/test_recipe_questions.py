@@ -23,7 +23,7 @@ if variant == "ce+kl":  # finished, but its metrics are missing: reading its fig
     (out / "uptraining_summary.json").write_text("{}")
     sys.exit(0)
 (out.parent / "runs").open("a").write(variant + "\\n")
-ppl = {"baseline": 40.0, "new-lr-x1": 30.0}[variant]
+ppl = {"baseline": 40.0, "new-lr-x1": 30.0}.get(variant, 35.0)
 sets = {"held-out": {"step0_ppl": 3000.0, "final_ppl": ppl, "source_ppl": 15.0, "step0_ratio": 200.0,
                      "final_ratio": ppl / 15.0}}
 (out / "uptraining_summary.json").write_text(json.dumps({
@@ -73,6 +73,12 @@ def test_running_more_variants_adds_to_the_record(tmp_path, monkeypatch):
     sweep(tmp_path, monkeypatch, "baseline")
     record = sweep(tmp_path, monkeypatch, "new-lr-x1")
     assert [run["variant"] for run in record["runs"]] == ["baseline", "new-lr-x1"]
+
+
+def test_a_variant_named_with_a_dot_keeps_its_whole_name_in_its_log(tmp_path, monkeypatch):
+    sweep(tmp_path, monkeypatch, "lr-1.5e-4")
+    assert (tmp_path / "runs" / "tiny" / "lr-1.5e-4.log").is_file()
+    assert (tmp_path / "runs" / "tiny" / "lr-1.5e-4.command").is_file()
 
 
 def test_unknown_variants_are_refused(monkeypatch):
