@@ -131,6 +131,18 @@ def is_local(spec: str) -> bool:
     return Path(spec).expanduser().exists() or glob.has_magic(spec) or spec.startswith((".", "/", "~"))
 
 
+def _fetch_hint(path: Path) -> str:
+    """What fetches a missing demo asset (a cache fetched before a recipe gained a corpus lacks it)."""
+    from .demo import cache_dir
+
+    try:
+        folder = path.absolute().relative_to(cache_dir().expanduser().absolute()).parts[0]
+    except (ValueError, IndexError):
+        return ""
+    return {"general": ": `bt-fetch-demo --general` fetches the general corpora (those cached are kept)",
+            "demo": ": `bt-fetch-demo` fetches the demo model and corpus"}.get(folder, "")
+
+
 def _local_files(spec: str) -> tuple[Path, list[Path]]:
     path = Path(spec).expanduser()
     if glob.has_magic(spec):
@@ -143,7 +155,7 @@ def _local_files(spec: str) -> tuple[Path, list[Path]]:
         root = path.parent
         files = [path]
     else:
-        raise DataError(f"no such file or folder: {spec}")
+        raise DataError(f"no such file or folder: {spec}{_fetch_hint(path)}")
     # sorted by path components, as pathlib sorts: "a/b" before "a-b/c"
     files = sorted((p for p in files if p.is_file()), key=lambda p: Path(_relative_name(p, root)).parts)
     unsupported = sorted({p.suffix or p.name for p in files if p.suffix not in TEXT_SUFFIXES})

@@ -331,6 +331,19 @@ def test_a_missing_component_or_eval_set_file_fails_before_any_model_work(tmp_pa
             assert_one_line_error(result, "nope")
 
 
+def test_a_missing_cached_corpus_names_the_command_that_fetches_it(tmp_path, monkeypatch):
+    """A cache fetched before the general recipe gained a corpus lacks it: the error says how to fetch it."""
+    monkeypatch.setenv("BLOCK_TRANSFORMER_CACHE", str(tmp_path / "cache"))
+    recipe = mixture_recipe(tmp_path)
+    no_model_work(monkeypatch)
+    train = f"[{{name: austen, path: {tmp_path / 'cache' / 'general' / 'austen'}}}]"
+    result = CliRunner().invoke(uptrain_cmd, uptrain_args(tmp_path, recipe, f"data.train={train}"))
+    assert_one_line_error(result, "`bt-fetch-demo --general` fetches the general corpora")
+    result = CliRunner().invoke(uptrain_cmd, uptrain_args(tmp_path, recipe, f"eval.sets=[{{name: d, data: {tmp_path / 'nope'}}}]"))
+    assert_one_line_error(result, "nope")
+    assert "bt-fetch-demo" not in result.output  # outside the cache: no hint
+
+
 def test_a_hub_dataset_as_a_mixture_component_is_refused_before_any_model_work(tmp_path, monkeypatch):
     """Regression: a hub component was read whole into memory, without the hub check, after conversion."""
     recipe = mixture_recipe(tmp_path)
