@@ -58,6 +58,7 @@ VARIANTS: dict[str, list[str]] = {
     "prefix-4": ["model.num_prefix_tokens=4"],
     "lr-1e-3": ["train.lr=1e-3"],
     "lr-1.5e-4": ["train.lr=1.5e-4"],  # half the recipe's: less drift from the source's weights?
+    "lr-7.5e-5": ["train.lr=7.5e-5"],
     "block-len-2": ["model.block_len=2"],
     "block-len-2+lr-1e-3": ["model.block_len=2", "train.lr=1e-3"],
     # the general mixture without its narrative prose (Jane Austen's novels), as it was before the "prose" run
