@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tradeoff import stage  # noqa: E402
@@ -44,6 +45,13 @@ from block_transformer.export import write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("recipe_questions")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def general_mixture_without(name: str) -> list[dict]:
+    """The general recipe's training components but ``name``, read from the recipe (not a copy of it)."""
+    raw = yaml.safe_load((ROOT / "recipes" / "smollm2-general.yaml").read_text(encoding="utf-8"))
+    return [component for component in raw["data"]["train"] if component["name"] != name]
+
 
 VARIANTS: dict[str, list[str]] = {
     "baseline": [],
@@ -61,14 +69,7 @@ VARIANTS: dict[str, list[str]] = {
     "lr-7.5e-5": ["train.lr=7.5e-5"],
     "block-len-2": ["model.block_len=2"],
     "block-len-2+lr-1e-3": ["model.block_len=2", "train.lr=1e-3"],
-    # the general mixture without its narrative prose (Jane Austen's novels), as it was before the "prose" run
-    "no-prose": ["data.train=" + json.dumps([
-        {"name": "python-docs", "path": "~/.cache/block-transformer/demo/python-docs", "weight": 0.25,
-         "heldout_tokens": 65536},
-        {"name": "gnu-standards", "path": "~/.cache/block-transformer/general/gnu-standards", "weight": 0.15},
-        {"name": "debian-reference", "path": "~/.cache/block-transformer/general/debian-reference", "weight": 0.25},
-        {"name": "wordnet", "path": "~/.cache/block-transformer/general/wordnet", "weight": 0.35},
-    ])],
+    "no-prose": ["data.train=" + json.dumps(general_mixture_without("austen"))],  # the mixture before Austen joined
 }
 
 
